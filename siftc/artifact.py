@@ -1,0 +1,151 @@
+"""A converted model on disk: a directory with
+
+    siftc.json   format tag, source (model spec + file hash), config, report, checksums
+    weights.pt   the state dict (weights, masks, norm statistics)
+    inputs.pt    the example inputs the conversion traced with
+
+Loading never unpickles code: tensors come back through `torch.load(weights_only=True)`, the rest is
+JSON, and the module structure is rebuilt by importing the recorded model file and re-running the same
+(seeded, deterministic) conversion. Writing goes to a temporary directory renamed into place, so a
+failed save leaves nothing half-written.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from siftc.config import ConvertConfig
+from siftc.errors import ArtifactError, UsageError
+
+FORMAT = "siftc-artifact"
+VERSION = 1
+FILES = ("siftc.json", "weights.pt", "inputs.pt")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_output(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing output unless `force`; called before any work is done."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists; choose another -o or pass --force to replace it")
+    return out
+
+
+def write_dir(out: Path, force: bool, fill) -> Path:
+    """Create `out` atomically: `fill(tmpdir)` writes into a sibling temp dir that is renamed into place."""
+    out = check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save(gm, out: str | os.PathLike, force: bool = False) -> Path:
+    """Save a model returned by `siftc.convert` as an artifact directory."""
+    info = getattr(gm, "siftc_info", None)
+    if info is None:
+        raise UsageError("this model was not produced by siftc.convert; convert it first")
+
+    def fill(tmp: Path):
+        torch.save(gm.state_dict(), tmp / "weights.pt")
+        torch.save(list(info.example_inputs), tmp / "inputs.pt")
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": info.source.to_json() if info.source else None,
+            "config": info.config.to_json(),
+            "report": info.report,
+            "sha256": {f: _sha256(tmp / f) for f in ("weights.pt", "inputs.pt")},
+        }
+        (tmp / "siftc.json").write_text(json.dumps(meta, indent=1))
+
+    return write_dir(Path(out), force, fill)
+
+
+def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The artifact's JSON, after checking it is a complete siftc artifact."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact {path} not found; pass the directory written by `siftc convert -o`")
+    if not path.is_dir() or not (path / "siftc.json").is_file():
+        raise ArtifactError(f"{path} is not a siftc artifact (no siftc.json); pass a directory written "
+                            f"by `siftc convert -o`")
+    try:
+        meta = json.loads((path / "siftc.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path / 'siftc.json'} is corrupt ({e}); convert the model again") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a siftc artifact (format tag missing); convert the model again")
+    if meta.get("version") != VERSION:
+        raise ArtifactError(f"{path} has artifact version {meta.get('version')}, this siftc reads "
+                            f"{VERSION}; convert the model again with this siftc")
+    for key in ("config", "report", "sha256"):
+        if key not in meta:
+            raise ArtifactError(f"{path / 'siftc.json'} lacks {key!r}: truncated or corrupt; convert again")
+    if verify:
+        for name, digest in meta["sha256"].items():
+            f = path / name
+            if not f.is_file():
+                raise ArtifactError(f"{f} is missing: the artifact is incomplete; convert the model again")
+            if _sha256(f) != digest:
+                raise ArtifactError(f"{f} does not match its checksum: truncated or corrupt; "
+                                    f"convert the model again")
+    return meta
+
+
+def load(path: str | os.PathLike, model=None):
+    """Rebuild a converted model from an artifact directory.
+
+    `model` is needed only when the artifact was converted from an in-memory model: pass a fresh
+    instance of the same dense model. Returns the GraphModule, with `siftc_info` set.
+    """
+    from siftc.convert import convert_module
+    from siftc.trace import Source, load_model
+
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+        inputs = tuple(torch.load(path / "inputs.pt", map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise ArtifactError(f"cannot read tensors of {path}: {str(e).splitlines()[0]}; convert again") from e
+    cfg = ConvertConfig.from_json(meta["config"])
+    warnings = []
+    src = meta.get("source")
+    if model is None:
+        if not src:
+            raise ArtifactError(f"{path} was converted from an in-memory model; pass model=<a fresh "
+                                f"instance of the dense model> to siftc.load")
+        loaded = load_model(src["spec"])
+        model = loaded.model
+        if src.get("sha256") and loaded.source.sha256 != src["sha256"]:
+            warnings.append(f"{src['path']} changed since conversion; the structure still has to match")
+    source = Source(**src) if src else None
+    gm = convert_module(model, inputs, cfg, source)
+    try:
+        gm.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:300]
+        raise ArtifactError(f"{path} does not match the model it names ({first}); "
+                            f"the model file changed or the artifact is from another model") from e
+    gm.siftc_info.warnings.extend(warnings)
+    gm.siftc_info.report = meta["report"]
+    return gm

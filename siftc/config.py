@@ -1,0 +1,50 @@
+"""Conversion settings: one frozen dataclass, validated on construction."""
+from dataclasses import dataclass, field
+
+from siftc.errors import UsageError
+
+KIND_NAMES = ("wide", "parallel", "factorized", "doped")
+BRANCH_ACTS = ("relu", "gelu", "identity")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    kind: str
+    sparsity: float
+    # None: the paper's default, first and last weight layer kept dense; () keeps none dense.
+    keep_dense: tuple[str, ...] | None = None
+    # The non-linearity g in parallel branches and the factorized middle (the paper's ablation: it matters).
+    branch_act: str = "relu"
+    # Seeds weight init and the random masks, so a conversion is reproducible.
+    seed: int = 0
+    # wide: widths become multiples of this (hardware-friendly shapes; the paper's GPT uses 12).
+    round_to: int = 1
+    # A layer or width group siftc cannot transform is an error instead of a reported skip.
+    strict: bool = False
+    # wide: widen the attention head dimension too (the paper keeps heads x head_dim).
+    widen_heads: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KIND_NAMES:
+            raise UsageError(f"unknown kind {self.kind!r}; choose one of: {', '.join(KIND_NAMES)}")
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise UsageError(f"sparsity {self.sparsity!r} is outside [0, 1); pass e.g. --sparsity 0.9")
+        if self.branch_act not in BRANCH_ACTS:
+            raise UsageError(f"unknown branch activation {self.branch_act!r}; choose one of: {', '.join(BRANCH_ACTS)}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UsageError(f"round-to {self.round_to!r} must be a positive integer, e.g. --round-to 8")
+        if self.keep_dense is not None:
+            object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "sparsity": self.sparsity, "keep_dense": self.keep_dense,
+                "branch_act": self.branch_act, "seed": self.seed, "round_to": self.round_to,
+                "strict": self.strict, "widen_heads": self.widen_heads}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ConvertConfig":
+        d = dict(d)
+        if d.get("keep_dense") is not None:
+            d["keep_dense"] = tuple(d["keep_dense"])
+        return cls(**d)

@@ -1,0 +1,101 @@
+"""Which weight layers a layer-wise pass transforms, and why the others are left alone."""
+import fnmatch
+from dataclasses import dataclass
+
+import torch.fx
+from torch import nn
+
+from siftc.errors import UsageError
+
+# Layers that carry a weight matrix, in the order the graph calls them. The first and last of these are
+# the paper's kept-dense layers (the stem and the classifier / LM head).
+WEIGHT_MODULES = (nn.Linear, nn.Conv2d, nn.Embedding, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)
+TRANSFORMABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class Choice:
+    name: str
+    module: nn.Module
+    transform: bool
+    reason: str = ""
+    unsupported: bool = False   # a layer type the kind cannot transform (an error with --strict)
+
+
+def weight_layers(gm: torch.fx.GraphModule) -> list[tuple[str, nn.Module]]:
+    """Weight-carrying modules in call order, each once."""
+    seen, out = set(), []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in seen:
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, WEIGHT_MODULES):
+                seen.add(node.target)
+                out.append((node.target, mod))
+    return out
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """module name -> name of another module sharing its weight Parameter."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append(name)
+    tied = {}
+    for names in owners.values():
+        for n in names:
+            others = [o for o in names if o != n]
+            if others:
+                tied[n] = others[0]
+    return tied
+
+
+def choose(gm: torch.fx.GraphModule, keep_dense: tuple[str, ...] | None, strict: bool) -> list[Choice]:
+    layers = weight_layers(gm)
+    if not layers:
+        raise UsageError("the model has no Linear or Conv2d layer to transform")
+    default = keep_dense is None
+    patterns = keep_dense or ()
+    tied = tied_weights(gm)
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n, _ in layers):
+            raise UsageError(f"--keep-dense {p!r} matches no weight layer; layers are e.g. "
+                             f"{', '.join(n for n, _ in layers[:4])}")
+    edge = {layers[0][0], layers[-1][0]} if default else set()
+    out = []
+    for name, mod in layers:
+        if name in edge:
+            out.append(Choice(name, mod, False, "kept dense (first/last weight layer)"))
+        elif any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            out.append(Choice(name, mod, False, "kept dense (--keep-dense)"))
+        elif not isinstance(mod, TRANSFORMABLE):
+            reason = "embedding: a look-up, no FLOPs to trade" if isinstance(mod, nn.Embedding) else \
+                f"{type(mod).__name__} is not transformed (only Linear and Conv2d are)"
+            out.append(Choice(name, mod, False, reason, unsupported=not isinstance(mod, nn.Embedding)))
+        elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            out.append(Choice(name, mod, False, f"grouped conv (groups={mod.groups}): left as is "
+                                                "(paper appendix A.1.1)"))
+        elif name in tied:
+            out.append(Choice(name, mod, False, f"weight tied to {tied[name]}: left as is", unsupported=True))
+        elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+            out.append(Choice(name, mod, False, f"padding_mode={mod.padding_mode!r} not supported",
+                              unsupported=True))
+        else:
+            out.append(Choice(name, mod, True))
+    bad = [c for c in out if c.unsupported]
+    if strict and bad:
+        raise UsageError(f"--strict: cannot transform {bad[0].name} ({bad[0].reason}); "
+                         f"keep it dense with --keep-dense '{bad[0].name}' or drop --strict")
+    return out
+
+
+def fan_in_out(mod: nn.Module) -> tuple[int, int]:
+    """(D_in, D_out) of a Linear or Conv2d: a conv counts C_in*kh*kw inputs per output position."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    return mod.weight[0].numel(), mod.out_channels
+
+
+def replace_submodule(gm: torch.fx.GraphModule, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, new)

@@ -1,0 +1,74 @@
+"""Iso-FLOP shapes and non-zero counts (DESIGN.md section 2).
+
+For a layer with D_in inputs and D_out outputs (a conv counts D_in = C_in*kh*kw), dense FLOPs are
+proportional to its weight count B = D_in*D_out. Every transformation keeps the output positions of the
+layer, so a layer is iso-FLOP exactly when the non-zeros of its parts add up to B. The structural number
+(N branches, hidden width d) is rounded first; the non-zero counts are then solved to sum to B exactly.
+Densities are derived from them, not taken as input.
+"""
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A solved layer: the structural number and the non-zeros of each sparse part."""
+    structure: int          # parallel: N branches; factorized/doped: hidden width (rank) d
+    nnz: tuple[int, ...]    # non-zeros of each sparse part, in build order
+    capacity: tuple[int, ...]  # weights of each sparse part (nnz / capacity = density)
+    dense_weights: int = 0  # weights in parts that stay dense (doped U and V)
+
+    @property
+    def density(self) -> float:
+        return sum(self.nnz) / sum(self.capacity) if sum(self.capacity) else 1.0
+
+    @property
+    def search_space(self) -> int:
+        return sum(self.capacity) + self.dense_weights
+
+
+def split(budget: int, capacities: list[int]) -> tuple[int, ...]:
+    """Split `budget` non-zeros over parts in proportion to their capacities, as integers that sum to
+    `budget` exactly and never exceed a part's capacity (largest remainders get the leftovers)."""
+    total = sum(capacities)
+    if not 0 <= budget <= total:
+        raise ValueError(f"budget {budget} does not fit capacities {capacities}")
+    exact = [budget * c / total for c in capacities]
+    out = [min(c, math.floor(e)) for c, e in zip(capacities, exact)]
+    order = sorted(range(len(out)), key=lambda i: exact[i] - out[i], reverse=True)
+    left = budget - sum(out)
+    while left:
+        for i in order:
+            if left and out[i] < capacities[i]:
+                out[i] += 1
+                left -= 1
+    return tuple(out)
+
+
+def parallel(d_in: int, d_out: int, s: float) -> Shape:
+    """N = round(1/(1-s)) branches of the dense shape, sharing the dense weight budget."""
+    b = d_in * d_out
+    n = max(1, round(1 / (1 - s)))
+    return Shape(n, split(b, [b] * n), (b,) * n)
+
+
+def factorized(d_in: int, d_out: int, s: float) -> Shape:
+    """V g(U x): U is D_in->d, V is d->D_out, d = D_in*D_out / ((D_in+D_out)(1-s)).
+
+    d is rounded, but never below the width whose two dense factors hold the budget (at s=0 the
+    factors are dense and carry exactly the dense FLOPs)."""
+    b = d_in * d_out
+    d = max(round(b / ((d_in + d_out) * (1 - s))), math.ceil(b / (d_in + d_out)), 1)
+    caps = [d_in * d, d * d_out]
+    return Shape(d, split(b, caps), tuple(caps))
+
+
+def doped(d_in: int, d_out: int, s: float) -> Shape:
+    """V U x + M x: U, V dense of rank d = s*D_in*D_out/(D_in+D_out), M sparse with what is left."""
+    b = d_in * d_out
+    d = min(round(s * b / (d_in + d_out)), b // (d_in + d_out))
+    low_rank = (d_in + d_out) * d
+    return Shape(d, (b - low_rank,), (b,), dense_weights=low_rank)
+
+
+SOLVERS = {"parallel": parallel, "factorized": factorized, "doped": doped}
