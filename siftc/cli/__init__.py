@@ -11,6 +11,9 @@ from siftc.errors import SiftcError
 COMMANDS = {
     "convert": "siftc.cli.convert:convert",
     "inspect": "siftc.cli.inspect:inspect_cmd",
+    "export": "siftc.cli.export:export_cmd",
+    "bench": "siftc.cli.bench:bench_cmd",
+    "train": "siftc.cli.train:train",
 }
 
 
