@@ -36,8 +36,9 @@ def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
-        gm, records = KINDS[cfg.kind](gm, cfg, generator)
+        gm, records, *extra = KINDS[cfg.kind](gm, cfg, generator)
     report = build_report(gm, example_inputs, cfg, records, dense, dense_params)
+    report.update(extra[0] if extra else {})  # a pass's own report entries (wide: "groups")
     ratio = report["flop_ratio"]
     if abs(ratio - 1) > FLOP_TOLERANCE:
         raise RuntimeError(f"siftc bug: {cfg.kind} at sparsity {cfg.sparsity} gives {ratio:.4f}x the "

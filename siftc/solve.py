@@ -72,3 +72,35 @@ def doped(d_in: int, d_out: int, s: float) -> Shape:
 
 
 SOLVERS = {"parallel": parallel, "factorized": factorized, "doped": doped}
+
+
+# ---- Sparse Wide (DESIGN.md section 3) --------------------------------------------------------
+def wide_k(s: float) -> float:
+    """The widening factor: k^2 x the weights at density 1/k^2 keeps the FLOPs (k = 1 at s = 0)."""
+    return math.sqrt(1 / (1 - s))
+
+
+def wide_width(width: int, s: float, multiple: int = 1) -> int:
+    """k * width rounded to the nearest multiple of `multiple`, never below `width`; s = 0 keeps it.
+
+    The paper's GPT-3 Small with multiple=12: 768 -> 1092 and 3072 -> 4344 at s=0.5 (k*768 = 1086.1,
+    k*3072 = 4344.5), 768 -> 1536 and 3072 -> 6144 at s=0.75."""
+    if s == 0:
+        return width
+    n = math.floor(wide_k(s) * width / multiple + 0.5) * multiple
+    return max(n, -(-width // multiple) * multiple)
+
+
+def wide_nnz(budgets: list[int], capacities: list[int], positions: list[int], extra: int) -> list[int]:
+    """Non-zeros of the sparse layers of a widened model, in closed form.
+
+    Layer i may use `budgets[i]` weights (its dense count) at `positions[i]` output positions; layers
+    kept dense cost `extra` FLOPs more than before. FLOPs are linear in the non-zeros, so every sparse
+    layer keeps the same fraction alpha of its budget, with sum_i 2 alpha b_i p_i = sum_i 2 b_i p_i - extra.
+    A layer widened on one side only gets its own density b_i / capacity_i. Raises ValueError when the
+    kept-dense layers alone cost more than the budget."""
+    total = sum(2 * b * p for b, p in zip(budgets, positions))
+    alpha = (total - extra) / total if total else 1.0
+    if alpha <= 0:
+        raise ValueError(f"kept-dense layers need {extra} more FLOPs, the sparse layers have {total}")
+    return [min(c, max(0, round(alpha * b))) for b, c in zip(budgets, capacities)]

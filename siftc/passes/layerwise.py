@@ -20,13 +20,13 @@ from siftc.passes.select import choose, fan_in_out, replace_submodule
 
 
 def _describe(kind: str, dense: nn.Module, shape: solve.Shape) -> tuple[str, dict]:
-    w = list(dense.weight.shape)
+    w = "x".join(map(str, dense.weight.shape))
     d_in, d_out = fan_in_out(dense)
     if kind == "parallel":
-        return f"{shape.structure} x {w}", {"branches": shape.structure}
+        return f"{shape.structure} x ({w})", {"branches": shape.structure}
     if kind == "factorized":
         return f"{d_in}->{shape.structure}->{d_out}", {"rank": shape.structure}
-    return f"rank {shape.structure} + sparse {w}", {"rank": shape.structure}
+    return f"rank {shape.structure} + ({w})", {"rank": shape.structure}
 
 
 def _same_as_dense(dense: nn.Module, generator) -> nn.Module:

@@ -1,0 +1,371 @@
+"""Sparse Wide on a whole graph: every width of the network times k = sqrt(1/(1-s)), weights sparse.
+
+Before (examples/mlp.py, --kind wide --sparsity 0.75, so k = 2):
+    net.0: Linear(64, 256)   net.2: Linear(256, 256)   net.4: Linear(256, 256)   net.6: Linear(256, 10)
+After:
+    net.0: Linear(64, 512)                              # kept dense, out side widened
+    net.2: SparseLinear(512, 512, nnz <= 65,536)        # dense budget, less what net.0/net.6 grew by
+    net.4: SparseLinear(512, 512, nnz <= 65,536)
+    net.6: Linear(512, 10)                              # kept dense, in side widened
+The input (64) and the output (10) keep their widths. Widths move in groups found on the fx graph
+(`siftc.passes.groups`); view/reshape/split arguments are rewritten to the new sizes, and a shape check
+re-runs the graph. Iso-FLOP: `siftc.solve.wide_nnz`.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from siftc import flops, solve
+from siftc.config import ConvertConfig
+from siftc.errors import TraceError, UsageError
+from siftc.nn.sparse import SparseConv2d, SparseLinear
+from siftc.passes.groups import analyse
+from siftc.passes.record import LayerRecord
+from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
+from siftc.passes.width_rules import _arg, _dim
+
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class Plan:
+    """One module's old and new widths (by side name), and what happens to it."""
+    name: str
+    module: nn.Module
+    old: dict
+    new: dict
+    positions: int = 0       # output positions per channel, over all its calls
+    sparse: bool = False
+    nnz: int = 0
+    reason: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+
+def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator):
+    """Widen every width group of `gm` by k and sparsify its weight layers. Returns (gm, records, extra):
+    extra holds the report's "groups" and "non_weight_flops"."""
+    a = analyse(gm, cfg.widen_heads)
+    _tie_shared_weights(gm, a)
+    _check_strict(a, cfg)
+    grow = lambda size, divs, scale: solve.wide_width(
+        size, cfg.sparsity, math.lcm(cfg.round_to // math.gcd(cfg.round_to, scale), *divs))
+    new_width = a.widths(grow)
+    width = lambda label: sum(new_width[g] * m for g, m in label)
+    plans = _plans(gm, a, cfg, width)
+    _solve(plans, cfg)
+    dense_shapes = {n: _shape(n) for n in gm.graph.nodes}
+    _rebuild(gm, plans, generator)
+    _resize_params(gm, a, width, generator)
+    _rewrite_sizes(gm, a, width)
+    gm.graph.eliminate_dead_code()  # sizes computed from a width (C // n_head) that nothing reads now
+    gm.graph.lint()
+    gm.recompile()
+    _check_shapes(gm, width)
+    records = [_record(p) for p in plans.values() if isinstance(p.module, flops.WEIGHT_LAYERS + (nn.Embedding,))]
+    extra = {"groups": _group_report(a, new_width), "non_weight_flops": _non_weight(gm, dense_shapes)}
+    return gm, records, extra
+
+
+def _shape(node):
+    """A node's tensor shape from ShapeProp (None for non-tensors and tuples)."""
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if hasattr(tm, "shape") else None
+
+
+# ---- analysis additions -----------------------------------------------------------------------
+def _weight_dims(mod, sides):
+    """Labels of a module's weight dims (None where no width group: vocabulary, kernel)."""
+    if isinstance(mod, nn.Embedding):
+        return (None, sides.get("out"))
+    return (sides.get("out"), sides.get("in"))
+
+
+def _tie_shared_weights(gm, a):
+    """Modules sharing one weight Parameter (a tied LM head) must get the same new shape."""
+    for name, other in tied_weights(gm).items():
+        if name in a.uses and other in a.uses:
+            mine = _weight_dims(gm.get_submodule(name), a.uses[name])
+            theirs = _weight_dims(gm.get_submodule(other), a.uses[other])
+            for x, y in zip(mine, theirs):
+                if x is not None and y is not None:
+                    a.tie(x, y, f"{name} shares its weight with {other}")
+                elif (x or y) is not None:
+                    a.fix(x or y, f"{name} shares its weight with {other}")
+    a.uses = {k: {s: a.resolve(l) for s, l in v.items()} for k, v in a.uses.items()}
+
+
+def _check_strict(a, cfg):
+    for g, grp in enumerate(a.groups):
+        if cfg.strict and grp.no_rule and grp.sourced and a.find(g) == g and grp.alias is None:
+            members = a.members().get(g, ["an unnamed width"])
+            raise UsageError(f"--strict: the width of {', '.join(members[:3])} {grp.fixed}; drop --strict "
+                             f"to keep that width and report it, or replace the op")
+
+
+# ---- planning ---------------------------------------------------------------------------------
+def _plans(gm, a, cfg, width) -> dict:
+    choices = {c.name: c for c in choose(gm, cfg.keep_dense, cfg.strict)}
+    plans, modules = {}, dict(gm.named_modules())
+    for name, sides in a.uses.items():
+        if name not in modules:
+            continue  # a parameter used directly: `_resize_params`
+        mod = modules[name]
+        plans[name] = Plan(name, mod, {s: sum(a.groups[g].size * m for g, m in l) for s, l in sides.items()},
+                           {s: width(l) for s, l in sides.items()})
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in plans and isinstance(plans[node.target].module,
+                                                                             flops.WEIGHT_LAYERS):
+            plans[node.target].positions += flops.positions(plans[node.target].module, node.meta["tensor_meta"].shape)
+    for name, mod in weight_layers(gm):
+        choice = choices[name]
+        plan = plans.get(name)
+        if plan is None:
+            plans[name] = Plan(name, mod, {}, {}, reason=f"{choice.reason or type(mod).__name__}: "
+                                                         "no width rule, left as is")
+            continue
+        plan.sparse = choice.transform
+        plan.reason = choice.reason
+        if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+            plan.reason = (f"{'depthwise' if mod.groups == mod.in_channels else 'grouped'} conv "
+                           f"(groups={mod.groups}): widened with its channels (groups scale with them), "
+                           f"kept dense and paid for by the sparse layers")
+    if not any(p.sparse for p in plans.values()):
+        kept = [n for n, _ in weight_layers(gm)]
+        raise UsageError(f"wide: nothing to widen: every weight layer ({', '.join(kept[:4])}) is kept dense, "
+                         f"so no sparse layer can pay for wider widths; keep fewer dense (--keep-dense "
+                         f"PATTERN or --no-keep-dense) or use a model with hidden layers")
+    return plans
+
+
+def _weights(mod, sides) -> int:
+    """Weight count of `mod` rebuilt with widths `sides`."""
+    if isinstance(mod, nn.Linear):
+        return sides["in"] * sides["out"]
+    kk = math.prod(mod.kernel_size)
+    if mod.groups == 1:
+        return sides["in"] * sides["out"] * kk
+    if mod.groups == mod.in_channels:
+        return sides["in"] * (mod.out_channels // mod.in_channels) * kk
+    return sides["in"] * sides["out"] * kk // mod.groups
+
+
+def _solve(plans, cfg):
+    layers = [p for p in plans.values() if isinstance(p.module, flops.WEIGHT_LAYERS) and p.new]
+    sparse = [p for p in layers if p.sparse]
+    extra = sum(2 * (_weights(p.module, p.new) - p.module.weight.numel()) * p.positions
+                for p in layers if not p.sparse)
+    try:
+        nnz = solve.wide_nnz([p.module.weight.numel() for p in sparse], [_weights(p.module, p.new) for p in sparse],
+                             [p.positions for p in sparse], extra)
+    except ValueError:
+        kept = [p.name for p in layers if not p.sparse and p.changed]
+        raise UsageError(f"wide at sparsity {cfg.sparsity}: the kept-dense layers ({', '.join(kept[:4])}) grow by "
+                         f"more FLOPs than the sparse layers have; keep fewer dense (--keep-dense PATTERN or "
+                         f"--no-keep-dense) or lower the sparsity") from None
+    for p, n in zip(sparse, nnz):
+        p.nnz = n
+
+
+# ---- rewriting --------------------------------------------------------------------------------
+def _build(p: Plan, generator) -> nn.Module:
+    """The module of `p` at its new widths, initialised by its own init (or its weights, if unchanged)."""
+    m, new = p.module, p.new
+    if isinstance(m, nn.Linear):
+        if p.sparse:
+            return SparseLinear(new["in"], new["out"], bias=m.bias is not None, nnz=p.nnz, generator=generator)
+        return nn.Linear(new["in"], new["out"], bias=m.bias is not None)
+    if isinstance(m, nn.Conv2d):
+        if p.sparse:
+            return SparseConv2d(new["in"], new["out"], m.kernel_size, m.stride, m.padding, m.dilation,
+                                bias=m.bias is not None, nnz=p.nnz, generator=generator)
+        depthwise = 1 < m.groups == m.in_channels
+        out = new["in"] * (m.out_channels // m.in_channels) if depthwise else new["out"]
+        return nn.Conv2d(new["in"], out, m.kernel_size, m.stride, m.padding, m.dilation,
+                         groups=new["in"] if depthwise else m.groups, bias=m.bias is not None,
+                         padding_mode=m.padding_mode)
+    if isinstance(m, nn.Embedding):
+        return nn.Embedding(m.num_embeddings, new["out"], m.padding_idx, m.max_norm, m.norm_type,
+                            m.scale_grad_by_freq, m.sparse)
+    if isinstance(m, nn.LayerNorm):
+        return nn.LayerNorm([new[f"d{i}"] for i in range(len(new))], m.eps, m.elementwise_affine,
+                            bias=getattr(m, "bias", None) is not None)
+    if isinstance(m, nn.GroupNorm):
+        return nn.GroupNorm(m.num_groups, new["c"], m.eps, m.affine)
+    return type(m)(new["c"], m.eps, m.momentum, m.affine, m.track_running_stats)  # BatchNorm
+
+
+@torch.no_grad()
+def _rebuild(gm, plans, generator):
+    replaced = {}  # id of an old weight Parameter -> its new Parameter (tied weights stay tied)
+    for p in plans.values():
+        if not p.new or (not p.changed and not p.sparse):
+            continue
+        new = _build(p, generator)
+        if not p.changed:  # sparse at the dense shape: keep the dense weights, masked
+            new.load_state_dict(p.module.state_dict(), strict=False)
+            new.set_mask(new.mask.clone())
+        old_w = getattr(p.module, "weight", None)
+        if old_w is not None and id(old_w) in replaced:
+            new.weight = replaced[id(old_w)]
+        elif old_w is not None:
+            replaced[id(old_w)] = new.weight
+        new.train(p.module.training)
+        replace_submodule(gm, p.name, new)
+
+
+@torch.no_grad()
+def _resize_params(gm, a, width, generator):
+    """Parameters and buffers used directly in the graph (a learned position table, a scale): old
+    values in the leading block, new entries drawn like the old ones (same mean and std)."""
+    modules = dict(gm.named_modules())
+    for target, sides in a.uses.items():
+        if target in modules:
+            continue
+        owner_name, _, attr = target.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        old = getattr(owner, attr)
+        shape = tuple(width(sides[f"dim{i}"]) for i in range(old.dim()))
+        if shape == tuple(old.shape):
+            continue
+        std = float(old.float().std()) if old.numel() > 1 else 0.0
+        new = torch.full(shape, float(old.float().mean()), dtype=old.dtype)
+        if std > 0:
+            new.normal_(float(old.float().mean()), std, generator=generator)
+        new[tuple(slice(0, s) for s in old.shape)] = old
+        if attr in owner._parameters:
+            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        elif attr in owner._buffers:
+            owner._buffers[attr] = new
+        else:
+            setattr(owner, attr, new)
+
+
+def _new_shape(node, width):
+    return tuple(width(l) for l in node.meta["siftc.dims"])
+
+
+def _rewrite_sizes(gm, a, width):
+    """Size arguments baked into the graph (view shapes, split sizes) follow the new widths."""
+    for node, how in a.rewrites:
+        old = _shape(node) if how != "split" else None
+        if how == "shape":
+            new, labels = _new_shape(node, width), node.meta["siftc.dims"]
+            nested = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+            args = list(node.args[1] if nested else node.args[1:])
+            args = [s if _keeps(a, s, label, o, n) else n for s, label, o, n in zip(args, labels, old, new)]
+            node.args = (node.args[0], tuple(args)) if nested else (node.args[0], *args)
+        elif how == "split":
+            d = _dim(_arg(node, 2, "dim", 0), len(node.args[0].meta["siftc.dims"]))
+            sizes = [width(dims[d]) for dims in node.meta["siftc.dims"]]
+            node.args = (node.args[0], sizes, *node.args[2:])
+        else:  # F.layer_norm's normalized_shape
+            n = len(node.args[1])
+            node.args = (node.args[0], tuple(_new_shape(node, width)[-n:]), *node.args[2:])
+
+
+def _keeps(a, arg, label, old: int, new: int) -> bool:
+    """Keep a view's size argument: -1, an unchanged number, or a size read from the model's input
+    (batch, sequence length: the graph keeps taking any). Sizes computed from a width (C // n_head)
+    become the new number."""
+    if isinstance(arg, int):
+        return arg == -1 or arg == new
+    return old == 1 or all(a.groups[g].fixed == "model input" for g, _ in label)
+
+
+def _check_shapes(gm, width):
+    """Run the rewritten graph on zeros shaped like the example inputs; every tensor must come out at
+    the size the width analysis predicts. The tensor_meta on the graph then describes the wide model."""
+    inputs = [torch.zeros(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
+              for n in gm.graph.nodes if n.op == "placeholder"]
+    predicted = {n: _new_shape(n, width) for n in gm.graph.nodes if isinstance(n.meta.get("siftc.dims"), tuple)}
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as e:
+        raise TraceError(f"wide: the widened graph does not run: {str(e).splitlines()[0]}; a size in the "
+                         f"model is not derived from its inputs (keep that layer dense or report it)") from e
+    finally:
+        gm.train(was_training)
+    for node, shape in predicted.items():
+        if _shape(node) != shape:
+            raise TraceError(f"wide: node {node.name} came out {_shape(node)}, expected {shape}; "
+                             f"its op hides a width the rules do not see (please report it)")
+        node.meta["siftc.shape"] = shape
+
+
+# ---- report -----------------------------------------------------------------------------------
+def _record(p: Plan) -> LayerRecord:
+    m = p.module
+    dense_shape = list(m.weight.shape)
+    if not p.new:
+        return LayerRecord(p.name, "skipped", dense_shape, reason=p.reason, search_space=m.weight.numel())
+    weights = _new_weights(p)
+    structure = {"in": p.new.get("in"), "out": p.new.get("out"), "dense_in": p.old.get("in"),
+                 "dense_out": p.old.get("out")}
+    new_shape = _shape_text(p)
+    if p.sparse:
+        return LayerRecord(p.name, "wide", dense_shape, new_shape, structure, density=p.nnz / weights,
+                           search_space=weights)
+    why = p.reason or "kept dense"
+    grouped = isinstance(m, nn.Conv2d) and m.groups > 1  # its reason says it already
+    if p.changed and isinstance(m, flops.WEIGHT_LAYERS) and not grouped:
+        why += "; widened, its extra FLOPs paid for by the sparse layers"
+    return LayerRecord(p.name, "dense", dense_shape, new_shape, structure, search_space=weights, reason=why)
+
+
+def _new_weights(p):
+    if isinstance(p.module, nn.Embedding):
+        return p.module.num_embeddings * p.new["out"]
+    return _weights(p.module, p.new)
+
+
+def _shape_text(p):
+    m, new = p.module, p.new
+    if isinstance(m, nn.Embedding):
+        return str([m.num_embeddings, new["out"]])
+    if isinstance(m, nn.Linear):
+        return str([new["out"], new["in"]])
+    out = new["in"] * (m.out_channels // m.in_channels) if m.groups == m.in_channels and m.groups > 1 else new["out"]
+    return str([out, new["in"] // (new["in"] if m.groups == m.in_channels else m.groups), *m.kernel_size])
+
+
+def _group_report(a, new_width) -> list[dict]:
+    out = []
+    for g, members in sorted(a.members().items()):
+        size, new = a.groups[g].size, new_width[g]
+        out.append({"id": g, "members": members, "width": size, "new_width": new,
+                    "widened": new != size, "fixed": a.why_fixed(g) or None})
+    return out
+
+
+def _non_weight(gm, dense_shapes) -> dict:
+    """Norm (2 per element) and attention-product FLOPs, dense and widened: the work a wider stream
+    adds besides its weight layers, reported beside the iso-FLOP total, not in it."""
+    modules = dict(gm.named_modules())
+    dense = wide = 0
+    for n in gm.graph.nodes:
+        is_norm = n.op == "call_module" and isinstance(modules[n.target], NORMS) or \
+            n.op == "call_function" and n.target is torch.nn.functional.layer_norm
+        if is_norm:
+            dense += 2 * math.prod(dense_shapes[n])
+            wide += 2 * math.prod(_shape(n))
+        elif n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention:
+            q, v = n.args[0], n.args[2]
+            dense += _attention_flops(dense_shapes[q], dense_shapes[v])
+            wide += _attention_flops(_shape(q), _shape(v))
+    return {"dense": dense, "wide": wide, "extra": wide - dense,
+            "counted": "norms at 2 FLOPs per element, scaled_dot_product_attention products at 2 per MAC"}
+
+
+def _attention_flops(q, v) -> int:
+    """softmax(q k^T) v: (.., L, E) x (.., S, E) -> (.., L, S), then x (.., S, Ev) -> (.., L, Ev)."""
+    return 2 * math.prod(q) * v[-2] + 2 * math.prod(q[:-1]) * v[-2] * v[-1]
