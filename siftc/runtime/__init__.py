@@ -2,13 +2,20 @@
 SparseConv2d; it owns any per-layer cache (keyed on `layer.mask_version`).
 
 BACKENDS maps the CLI's `--backend` names to backend objects with `.linear(layer, x)` and
-`.conv2d(layer, x)`.
+`.conv2d(layer, x)`. Constructing them is cheap: nothing compiles or imports an optional package until a
+layer first runs on it.
 """
 from siftc.errors import UsageError
+from siftc.runtime.auto import AutoBackend
 from siftc.runtime.masked import MaskedDense
+from siftc.runtime.native import Native
+from siftc.runtime.sparseprop_backend import SparseProp
 
 BACKENDS = {
-    "torch": MaskedDense(),
+    "torch": MaskedDense(),  # masked dense: the reference, and the fallback without a compiler
+    "native": Native(),      # siftc's C++ kernels, compiled on first use (siftc.runtime.build)
+    "auto": AutoBackend(),   # per layer, the faster of native and torch, timed once and recorded
+    "sparseprop": SparseProp(),  # SparseProp's kernels (`pip install sparseprop`), a peer to compare
 }
 
 

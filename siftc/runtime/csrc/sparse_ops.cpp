@@ -1,0 +1,532 @@
+// Sparse Linear / Conv2d forward and backward on CPU, touching only the mask's non-zeros.
+//
+// SparseProp's layout: activations are repacked batch-innermost, (C, H, W, Bp) with the batch padded to a
+// multiple of 16, so one weight non-zero times one input position is a run of full vector FMAs. A Linear
+// is the 1x1 convolution of a 1x1 image, so one code path serves both.
+//
+//   forward      Y[o, pos]   = sum_{(c,k) in row o} W[o,c,k] * Xp[c, pos*stride + k*dilation]    (spmm)
+//   grad input   dXp[c, pos] = sum_{(o,k) in row c} W[o,c,k] * dYq[o, pos + Q - k*dilation]      (spmm on the
+//                transposed index; dY is zero-dilated by the stride and padded by Q = (K-1)*dilation)
+//   grad weight  dW[o,c,k]   = sum_pos dY[o, pos] . Xp[c, pos*stride + k*dilation]  at non-zeros   (sddmm)
+//
+// The index (built from the mask by build_index, O(numel) scan, O(nnz) fill) is a CSR split into column
+// panels so the slice of the input one panel touches stays in L2: entries sorted by (panel, row, column);
+// ptr[p*R + r] .. ptr[p*R + r + 1] are row r's entries in panel p. An entry stores
+// code = group << 8 | kernel_position (group = input channel for the forward index, output channel for
+// the transposed one) and widx = its flat position in the dense weight, read at call time, so optimizer
+// updates need no index rebuild. Weights inside the mask that are exactly zero stay in the index.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace siftc {
+
+constexpr int64_t kBatchPad = 16;  // batch padded to a multiple of this (one AVX-512 float vector)
+constexpr int kCodeShift = 8;      // code = group << 8 | kernel position; so kh*kw <= 256
+constexpr int kMaxAcc = 16;        // accumulator vectors held in registers per tile
+
+// 64-byte vectors through GCC vector extensions: AVX-512 with -march=native, two AVX2 halves otherwise.
+typedef float vfloat __attribute__((vector_size(64), aligned(4), may_alias));
+typedef double vdouble __attribute__((vector_size(64), aligned(8), may_alias));
+template <typename T> struct Vec;
+template <> struct Vec<float> { using type = vfloat; static constexpr int lanes = 16; };
+template <> struct Vec<double> { using type = vdouble; static constexpr int lanes = 8; };
+
+template <typename T>
+static inline T hsum(typename Vec<T>::type v) {
+  T s = 0;
+  for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
+  return s;
+}
+
+// Where one output row's tile of positions lives. A tile is NT positions x NV vectors.
+struct Geometry {
+  int64_t rows;          // R: output rows (output channels, or input channels for the grad input)
+  int64_t pos_h, pos_w;  // output position grid
+  int64_t nvec;          // vectors per position (Bp / lanes)
+  int64_t in_h, in_w;    // input element step per output position step
+  int64_t out_h, out_w;  // output element step per output position step
+  int64_t out_row;       // output element step between rows
+  int64_t group;         // input element step per group (channel)
+  const int64_t* koff;   // input element offset per kernel position
+};
+
+struct Tile {
+  int64_t in_off, out_off;  // element offsets of the tile's first position, first vector
+  int nv, nt;               // vectors per position, positions
+};
+
+// Tiles covering the whole output grid: batch vectors in power-of-two chunks of at most 16, then runs of
+// 16/NV positions along the row, the leftover positions one at a time.
+static std::vector<Tile> make_tiles(const Geometry& g, int lanes) {
+  std::vector<Tile> tiles;
+  for (int64_t v0 = 0; v0 < g.nvec;) {
+    int nv = 16;
+    while (nv > g.nvec - v0) nv /= 2;
+    const int nt = std::max(1, kMaxAcc / nv);
+    for (int64_t h = 0; h < g.pos_h; ++h) {
+      int64_t w = 0;
+      for (; w + nt <= g.pos_w; w += nt)
+        tiles.push_back({h * g.in_h + w * g.in_w + v0 * lanes, h * g.out_h + w * g.out_w + v0 * lanes, nv, nt});
+      for (; w < g.pos_w; ++w)
+        tiles.push_back({h * g.in_h + w * g.in_w + v0 * lanes, h * g.out_h + w * g.out_w + v0 * lanes, nv, 1});
+    }
+    v0 += nv;
+  }
+  return tiles;
+}
+
+// ---- spmm: out[r, tile] (+)= sum over row r's entries in one panel ---------------------------------------
+template <typename T, int NV, int NT>
+static void spmm_tile(const T* __restrict in, T* __restrict out, const Geometry& g, const int32_t* __restrict code,
+                      const int32_t* __restrict widx, const T* __restrict w, int64_t lo, int64_t hi, bool first,
+                      T init) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NT][NV];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < NV; ++v) {
+      if (first) {
+        V z = {};
+        acc[t][v] = z + init;
+      } else {
+        acc[t][v] = *(const V*)(out + t * g.out_w + v * L);
+      }
+    }
+  const int64_t in_w = g.in_w;
+  for (int64_t n = lo; n < hi; ++n) {
+    const int32_t c = code[n];
+    const T* src = in + (int64_t)(c >> kCodeShift) * g.group + g.koff[c & ((1 << kCodeShift) - 1)];
+    const T val = w[widx[n]];
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < NV; ++v) acc[t][v] += val * *(const V*)(src + t * in_w + v * L);
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < NV; ++v) *(V*)(out + t * g.out_w + v * L) = acc[t][v];
+}
+
+template <typename T>
+using SpmmFn = void (*)(const T*, T*, const Geometry&, const int32_t*, const int32_t*, const T*, int64_t, int64_t,
+                        bool, T);
+
+template <typename T>
+static SpmmFn<T> spmm_fn(int nv, int nt) {
+  switch (nv * 100 + nt) {
+    case 116: return spmm_tile<T, 1, 16>;
+    case 101: return spmm_tile<T, 1, 1>;
+    case 208: return spmm_tile<T, 2, 8>;
+    case 201: return spmm_tile<T, 2, 1>;
+    case 404: return spmm_tile<T, 4, 4>;
+    case 401: return spmm_tile<T, 4, 1>;
+    case 802: return spmm_tile<T, 8, 2>;
+    case 801: return spmm_tile<T, 8, 1>;
+    case 1601: return spmm_tile<T, 16, 1>;
+  }
+  TORCH_CHECK(false, "siftc: no spmm tile for nv=", nv, " nt=", nt);
+}
+
+static inline int64_t row_grain(int64_t rows) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, (rows + nt - 1) / nt);
+}
+
+template <typename T>
+static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
+                 const at::Tensor& widx_t, const T* w, const T* bias) {
+  const int64_t R = g.rows;
+  const int64_t npanels = (ptr_t.numel() - 1) / R;
+  const int64_t* ptr = ptr_t.data_ptr<int64_t>();
+  const int32_t* code = code_t.data_ptr<int32_t>();
+  const int32_t* widx = widx_t.data_ptr<int32_t>();
+  const auto tiles = make_tiles(g, Vec<T>::lanes);
+  std::vector<SpmmFn<T>> fns;
+  for (const auto& t : tiles) fns.push_back(spmm_fn<T>(t.nv, t.nt));
+  at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
+    for (int64_t p = 0; p < npanels; ++p)
+      for (size_t i = 0; i < tiles.size(); ++i)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
+          if (p > 0 && lo == hi) continue;
+          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, widx, w, lo, hi, p == 0,
+                 bias ? bias[r] : T(0));
+        }
+  });
+}
+
+// ---- sddmm: dW at row r's entries += dot(A[r, tile], X[entry, tile]) -------------------------------------
+// MODE 0: the only tile (write dW directly); 1: first of several (write scratch); 2: later (add to scratch).
+template <typename T, int NV, int NT, int MODE>
+static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geometry& g,
+                       const int32_t* __restrict code, const int32_t* __restrict widx, T* __restrict dw, int64_t lo,
+                       int64_t hi, typename Vec<T>::type* __restrict scratch) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V av[NT][NV];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < NV; ++v) av[t][v] = *(const V*)(a + t * g.out_w + v * L);
+  const int64_t in_w = g.in_w;
+  for (int64_t n = lo; n < hi; ++n) {
+    const int32_t c = code[n];
+    const T* src = x + (int64_t)(c >> kCodeShift) * g.group + g.koff[c & ((1 << kCodeShift) - 1)];
+    V part[4] = {};  // four chains so the FMAs do not wait on each other
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < NV; ++v) part[(t * NV + v) & 3] += av[t][v] * *(const V*)(src + t * in_w + v * L);
+    const V s = (part[0] + part[1]) + (part[2] + part[3]);
+    if (MODE == 0) dw[widx[n]] = hsum<T>(s);
+    else if (MODE == 1) scratch[n - lo] = s;
+    else scratch[n - lo] += s;
+  }
+}
+
+template <typename T>
+using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, const int32_t*, T*, int64_t, int64_t,
+                         typename Vec<T>::type*);
+
+template <typename T, int MODE>
+static SddmmFn<T> sddmm_fn(int nv, int nt) {
+  switch (nv * 100 + nt) {
+    case 116: return sddmm_tile<T, 1, 16, MODE>;
+    case 101: return sddmm_tile<T, 1, 1, MODE>;
+    case 208: return sddmm_tile<T, 2, 8, MODE>;
+    case 201: return sddmm_tile<T, 2, 1, MODE>;
+    case 404: return sddmm_tile<T, 4, 4, MODE>;
+    case 401: return sddmm_tile<T, 4, 1, MODE>;
+    case 802: return sddmm_tile<T, 8, 2, MODE>;
+    case 801: return sddmm_tile<T, 8, 1, MODE>;
+    case 1601: return sddmm_tile<T, 16, 1, MODE>;
+  }
+  TORCH_CHECK(false, "siftc: no sddmm tile for nv=", nv, " nt=", nt);
+}
+
+// g describes A (as "out") and X (as "in"); dw is the dense weight gradient, written only at entries.
+template <typename T>
+static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
+                  const at::Tensor& widx_t, T* dw) {
+  using V = typename Vec<T>::type;
+  const int64_t R = g.rows;
+  const int64_t npanels = (ptr_t.numel() - 1) / R;
+  const int64_t* ptr = ptr_t.data_ptr<int64_t>();
+  const int32_t* code = code_t.data_ptr<int32_t>();
+  const int32_t* widx = widx_t.data_ptr<int32_t>();
+  const auto tiles = make_tiles(g, Vec<T>::lanes);
+  const bool single = tiles.size() == 1;
+  std::vector<SddmmFn<T>> first, later;
+  for (const auto& t : tiles) {
+    first.push_back(single ? sddmm_fn<T, 0>(t.nv, t.nt) : sddmm_fn<T, 1>(t.nv, t.nt));
+    later.push_back(sddmm_fn<T, 2>(t.nv, t.nt));
+  }
+  at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
+    std::vector<V> scratch;  // one vector per entry of this thread's rows in the current panel
+    for (int64_t p = 0; p < npanels; ++p) {
+      const int64_t base = ptr[p * R + r0], end = ptr[p * R + r1];
+      if (base == end) continue;
+      if (!single) scratch.resize(end - base);
+      for (size_t i = 0; i < tiles.size(); ++i)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
+          if (lo == hi) continue;
+          const auto fn = i == 0 ? first[i] : later[i];
+          fn(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, widx, dw, lo, hi,
+             single ? nullptr : scratch.data() + (lo - base));
+        }
+      if (!single)
+        for (int64_t n = base; n < end; ++n) dw[widx[n]] = hsum<T>(scratch[n - base]);
+    }
+  });
+}
+
+// ---- layout changes ---------------------------------------------------------------------------------------
+// dst[i0,i1,i2,i3] = src[i0,i1,i2,i3] for arbitrary element strides; blocked over (i2, i3), or over (i0, i3)
+// when i1 = i2 = 1 (a Linear's transpose), so both sides stream through L1.
+template <typename T>
+static void copy4d(T* dst, const int64_t* ds, const T* src, const int64_t* ss, const int64_t* n) {
+  constexpr int64_t B = 16;
+  const bool flat = n[1] == 1 && n[2] == 1;
+  const int64_t a = flat ? 0 : 2;  // the dimension blocked against i3
+  const int64_t outer = flat ? 1 : n[0] * n[1];
+  const int64_t nblk = (n[a] + B - 1) / B;
+  at::parallel_for(0, outer * nblk, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t o = j / nblk, ib = (j % nblk) * B, ie = std::min(n[a], ib + B);
+      const int64_t i0 = flat ? 0 : o / n[1], i1 = flat ? 0 : o % n[1];
+      const T* s0 = src + i0 * ss[0] + i1 * ss[1];
+      T* d0 = dst + i0 * ds[0] + i1 * ds[1];
+      for (int64_t kb = 0; kb < n[3]; kb += B) {
+        const int64_t ke = std::min(n[3], kb + B);
+        for (int64_t i = ib; i < ie; ++i)
+          for (int64_t k = kb; k < ke; ++k) d0[i * ds[a] + k * ds[3]] = s0[i * ss[a] + k * ss[3]];
+      }
+    }
+  });
+}
+
+static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct ConvShape {
+  int64_t B, C, H, W, O, KH, KW, sh, sw, ph, pw, dh, dw, Ho, Wo, Bp, Hp, Wp;
+};
+
+static ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "siftc: conv2d expects 4-d input and weight");
+  TORCH_CHECK(x.size(1) == weight.size(1), "siftc: input has ", x.size(1), " channels, weight expects ",
+              weight.size(1), " (groups=1 only)");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "siftc: stride/padding/dilation need 2 values");
+  ConvShape s{};
+  s.B = x.size(0); s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
+  s.O = weight.size(0); s.KH = weight.size(2); s.KW = weight.size(3);
+  s.sh = stride[0]; s.sw = stride[1]; s.ph = padding[0]; s.pw = padding[1]; s.dh = dilation[0]; s.dw = dilation[1];
+  TORCH_CHECK(s.KH * s.KW <= (1 << kCodeShift), "siftc: kernel ", s.KH, "x", s.KW, " is larger than 256 positions");
+  s.Hp = s.H + 2 * s.ph; s.Wp = s.W + 2 * s.pw;
+  s.Ho = (s.Hp - s.dh * (s.KH - 1) - 1) / s.sh + 1;
+  s.Wo = (s.Wp - s.dw * (s.KW - 1) - 1) / s.sw + 1;
+  TORCH_CHECK(s.Ho > 0 && s.Wo > 0, "siftc: conv2d output would be empty");
+  s.Bp = round_up(std::max<int64_t>(s.B, 1), kBatchPad);
+  return s;
+}
+
+// x (B, C, H, W) any strides -> (C, Hp, Wp, Bp), zero padded.
+template <typename T>
+static at::Tensor pack_input(const at::Tensor& x, const ConvShape& s) {
+  const bool pad = s.ph || s.pw || s.Bp != s.B;
+  at::Tensor xp = pad ? at::zeros({s.C, s.Hp, s.Wp, s.Bp}, x.options()) : at::empty({s.C, s.Hp, s.Wp, s.Bp}, x.options());
+  const int64_t ds[4] = {s.Hp * s.Wp * s.Bp, s.Wp * s.Bp, s.Bp, 1};
+  const int64_t ss[4] = {x.stride(1), x.stride(2), x.stride(3), x.stride(0)};
+  const int64_t n[4] = {s.C, s.H, s.W, s.B};
+  copy4d<T>(xp.data_ptr<T>() + (s.ph * s.Wp + s.pw) * s.Bp, ds, x.const_data_ptr<T>(), ss, n);
+  return xp;
+}
+
+// (Ch, Hb, Wb, Bp) buffer -> (B, Ch, h, w) contiguous, taking positions [off, off + h/w).
+template <typename T>
+static at::Tensor unpack(const at::Tensor& buf, int64_t B, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                         const at::Tensor& like) {
+  const int64_t Ch = buf.size(0), Hb = buf.size(1), Wb = buf.size(2), Bp = buf.size(3);
+  const int64_t hh = std::min(h, Hb - oh), ww = std::min(w, Wb - ow);
+  at::Tensor out = (hh < h || ww < w) ? at::zeros({B, Ch, h, w}, like.options()) : at::empty({B, Ch, h, w}, like.options());
+  if (hh <= 0 || ww <= 0) return out;
+  const int64_t ds[4] = {h * w, w, 1, Ch * h * w};
+  const int64_t ss[4] = {Hb * Wb * Bp, Wb * Bp, Bp, 1};
+  const int64_t n[4] = {Ch, hh, ww, B};
+  copy4d<T>(out.data_ptr<T>(), ds, buf.const_data_ptr<T>() + (oh * Wb + ow) * Bp, ss, n);
+  return out;
+}
+
+static void check_index(const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, int64_t rows,
+                        const char* what) {
+  TORCH_CHECK(ptr.scalar_type() == at::kLong && code.scalar_type() == at::kInt && widx.scalar_type() == at::kInt,
+              "siftc: ", what, " index must be (int64 ptr, int32 code, int32 widx)");
+  TORCH_CHECK(ptr.is_contiguous() && code.is_contiguous() && widx.is_contiguous(), "siftc: index tensors must be contiguous");
+  TORCH_CHECK(ptr.numel() >= rows + 1 && (ptr.numel() - 1) % rows == 0, "siftc: ", what, " index ptr has ",
+              ptr.numel(), " entries, not a multiple of ", rows, " rows plus one");
+  TORCH_CHECK(code.numel() == widx.numel(), "siftc: ", what, " index code/widx lengths differ");
+}
+
+static void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "siftc: native kernels run on CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "siftc: native kernels need float32 (or float64) input and weight of one dtype, got ", x.scalar_type(),
+              " and ", weight.scalar_type());
+}
+
+// ---- ops ---------------------------------------------------------------------------------------------------
+template <typename T>
+static at::Tensor conv_forward_impl(const at::Tensor& x, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                                    const ConvShape& s, const at::Tensor& ptr, const at::Tensor& code,
+                                    const at::Tensor& widx) {
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor xp = pack_input<T>(x, s);
+  at::Tensor y = at::empty({s.O, s.Ho, s.Wo, s.Bp}, x.options());
+  std::vector<int64_t> koff(s.KH * s.KW);
+  for (int64_t i = 0; i < s.KH; ++i)
+    for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = (i * s.dh * s.Wp + j * s.dw) * s.Bp;
+  Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, s.Wo * s.Bp, s.Bp,
+             s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  spmm<T>(xp.const_data_ptr<T>(), y.data_ptr<T>(), g, ptr, code, widx, weight.const_data_ptr<T>(),
+          b.defined() ? b.const_data_ptr<T>() : nullptr);
+  return unpack<T>(y, s.B, s.Ho, s.Wo, 0, 0, x);
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr,
+                         const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& wptr,
+                         const at::Tensor& wcode, const at::Tensor& wwidx) {
+  check_inputs(x, weight);
+  const ConvShape s = conv_shape(x, weight, stride, padding, dilation);
+  check_index(ptr, code, widx, s.O, "forward");
+  if (x.scalar_type() == at::kDouble) return conv_forward_impl<double>(x, weight, bias, s, ptr, code, widx);
+  return conv_forward_impl<float>(x, weight, bias, s, ptr, code, widx);
+}
+
+template <typename T>
+static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& weight_in, const ConvShape& s,
+                                                             const at::Tensor& ptr, const at::Tensor& code,
+                                                             const at::Tensor& widx, const at::Tensor& tptr,
+                                                             const at::Tensor& tcode, const at::Tensor& twidx,
+                                                             bool need_input, bool need_weight) {
+  const at::Tensor weight = weight_in.contiguous();
+  at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options());
+  if (need_weight) {
+    const at::Tensor xp = pack_input<T>(x, s);
+    // dY as (O, Ho, Wo, Bp)
+    at::Tensor a = s.Bp != s.B ? at::zeros({s.O, s.Ho, s.Wo, s.Bp}, x.options()) : at::empty({s.O, s.Ho, s.Wo, s.Bp}, x.options());
+    const int64_t ds[4] = {s.Ho * s.Wo * s.Bp, s.Wo * s.Bp, s.Bp, 1};
+    const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
+    const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
+    copy4d<T>(a.data_ptr<T>(), ds, grad.const_data_ptr<T>(), ss, n);
+    std::vector<int64_t> koff(s.KH * s.KW);
+    for (int64_t i = 0; i < s.KH; ++i)
+      for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = (i * s.dh * s.Wp + j * s.dw) * s.Bp;
+    Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, s.Wo * s.Bp, s.Bp,
+               s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
+    dw = at::zeros(weight.sizes(), x.options());
+    sddmm<T>(a.const_data_ptr<T>(), xp.const_data_ptr<T>(), g, ptr, code, widx, dw.data_ptr<T>());
+  }
+  if (need_input) {
+    // dY zero-dilated by the stride and padded by Q = (K-1)*dilation, as (O, Hq, Wq, Bp)
+    const int64_t qh = (s.KH - 1) * s.dh, qw = (s.KW - 1) * s.dw;
+    const int64_t hd = (s.Ho - 1) * s.sh + 1, wd = (s.Wo - 1) * s.sw + 1;
+    const int64_t Hq = hd + 2 * qh, Wq = wd + 2 * qw;
+    const bool pad = qh || qw || s.sh > 1 || s.sw > 1 || s.Bp != s.B;
+    at::Tensor q = pad ? at::zeros({s.O, Hq, Wq, s.Bp}, x.options()) : at::empty({s.O, Hq, Wq, s.Bp}, x.options());
+    const int64_t ds[4] = {Hq * Wq * s.Bp, s.sh * Wq * s.Bp, s.sw * s.Bp, 1};
+    const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
+    const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
+    copy4d<T>(q.data_ptr<T>() + (qh * Wq + qw) * s.Bp, ds, grad.const_data_ptr<T>(), ss, n);
+    // dXp over the padded-input positions [0, hd + qh) x [0, wd + qw)
+    const int64_t Hx = hd + qh, Wx = wd + qw;
+    at::Tensor gx = at::empty({s.C, Hx, Wx, s.Bp}, x.options());
+    std::vector<int64_t> koff(s.KH * s.KW);
+    for (int64_t i = 0; i < s.KH; ++i)
+      for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = ((qh - i * s.dh) * Wq + (qw - j * s.dw)) * s.Bp;
+    Geometry g{s.C, Hx, Wx, s.Bp / Vec<T>::lanes, Wq * s.Bp, s.Bp, Wx * s.Bp, s.Bp, Hx * Wx * s.Bp,
+               Hq * Wq * s.Bp, koff.data()};
+    spmm<T>(q.const_data_ptr<T>(), gx.data_ptr<T>(), g, tptr, tcode, twidx, weight.const_data_ptr<T>(), nullptr);
+    dx = unpack<T>(gx, s.B, s.H, s.W, s.ph, s.pw, x);
+  }
+  return {dx, dw};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& tptr, const at::Tensor& tcode,
+    const at::Tensor& twidx, const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx,
+    bool need_input, bool need_weight) {
+  check_inputs(x, weight);
+  const ConvShape s = conv_shape(x, weight, stride, padding, dilation);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.B && grad.size(1) == s.O && grad.size(2) == s.Ho &&
+                  grad.size(3) == s.Wo && grad.scalar_type() == x.scalar_type(),
+              "siftc: conv2d grad_output has shape ", grad.sizes(), ", expected [", s.B, ", ", s.O, ", ", s.Ho, ", ",
+              s.Wo, "]");
+  check_index(ptr, code, widx, s.O, "weight-gradient");
+  check_index(tptr, tcode, twidx, s.C, "transposed");
+  if (x.scalar_type() == at::kDouble)
+    return conv_backward_impl<double>(grad, x, weight, s, ptr, code, widx, tptr, tcode, twidx, need_input, need_weight);
+  return conv_backward_impl<float>(grad, x, weight, s, ptr, code, widx, tptr, tcode, twidx, need_input, need_weight);
+}
+
+// A Linear is the 1x1 convolution of a 1x1 image: (N, in) -> (N, in, 1, 1).
+static at::Tensor as_image(const at::Tensor& t) { return t.as_strided({t.size(0), t.size(1), 1, 1}, {t.stride(0), t.stride(1), 1, 1}); }
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr,
+                         const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& wptr,
+                         const at::Tensor& wcode, const at::Tensor& wwidx) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "siftc: sparse_linear expects 2-d input and weight");
+  return sparse_conv2d(as_image(x), as_image(weight), bias, {1, 1}, {0, 0}, {1, 1}, ptr, code, widx, tptr, tcode,
+                       twidx, wptr, wcode, wwidx)
+      .view({x.size(0), weight.size(0)});
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& weight, const at::Tensor& tptr,
+                                                          const at::Tensor& tcode, const at::Tensor& twidx,
+                                                          const at::Tensor& wptr, const at::Tensor& wcode,
+                                                          const at::Tensor& wwidx, bool need_input, bool need_weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && grad.dim() == 2, "siftc: sparse_linear_backward expects 2-d tensors");
+  auto [dx, dw] = sparse_conv2d_backward(as_image(grad), as_image(x), as_image(weight), {1, 1}, {0, 0}, {1, 1},
+                                         tptr, tcode, twidx, wptr, wcode, wwidx, need_input, need_weight);
+  if (need_input) dx = dx.view({x.size(0), x.size(1)});
+  if (need_weight) dw = dw.view({weight.size(0), weight.size(1)});
+  return {dx, dw};
+}
+
+// mask viewed as (O, C, KK). Returns (ptr, code, widx) for rows O grouped by C (transpose=false) or rows C
+// grouped by O (transpose=true), column panels of `panel` groups.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> build_index(const at::Tensor& mask_in, int64_t kk, int64_t panel,
+                                                           bool transpose) {
+  TORCH_CHECK(mask_in.scalar_type() == at::kBool, "siftc: build_index needs a bool mask");
+  TORCH_CHECK(kk >= 1 && kk <= (1 << kCodeShift) && panel >= 1, "siftc: build_index kk in [1, 256], panel >= 1");
+  TORCH_CHECK(mask_in.numel() < (int64_t(1) << 31), "siftc: weight has more than 2^31 entries");
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t O = mask.size(0), C = mask.numel() / std::max<int64_t>(1, O * kk);
+  TORCH_CHECK(O * C * kk == mask.numel(), "siftc: mask of ", mask.numel(), " entries is not (O, C, ", kk, ")");
+  TORCH_CHECK((transpose ? O : C) < (int64_t(1) << (31 - kCodeShift)), "siftc: too many channels for the index");
+  const int64_t R = transpose ? C : O, G = transpose ? O : C;
+  const int64_t np = (G + panel - 1) / panel;
+  const bool* m = mask.const_data_ptr<bool>();
+  at::Tensor ptr_t = at::zeros({np * R + 1}, at::kLong);
+  int64_t* ptr = ptr_t.data_ptr<int64_t>();
+  auto bucket = [&](int64_t o, int64_t c) { return transpose ? (o / panel) * R + c : (c / panel) * R + o; };
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = 0; c < C; ++c) {
+      const bool* e = m + (o * C + c) * kk;
+      int64_t cnt = 0;
+      for (int64_t k = 0; k < kk; ++k) cnt += e[k];
+      ptr[bucket(o, c) + 1] += cnt;
+    }
+  for (int64_t i = 0; i < np * R; ++i) ptr[i + 1] += ptr[i];
+  const int64_t nnz = ptr[np * R];
+  at::Tensor code_t = at::empty({nnz}, at::kInt), widx_t = at::empty({nnz}, at::kInt);
+  int32_t* code = code_t.data_ptr<int32_t>();
+  int32_t* widx = widx_t.data_ptr<int32_t>();
+  std::vector<int64_t> cur(ptr, ptr + np * R);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (o * C + c) * kk;
+      const bool* e = m + base;
+      int64_t* cu = &cur[bucket(o, c)];
+      const int64_t g = transpose ? o : c;
+      for (int64_t k = 0; k < kk; ++k)
+        if (e[k]) {
+          code[*cu] = int32_t((g << kCodeShift) | k);
+          widx[*cu] = int32_t(base + k);
+          ++*cu;
+        }
+    }
+  return {ptr_t, code_t, widx_t};
+}
+
+TORCH_LIBRARY(siftc, m) {
+  m.def("build_index(Tensor mask, int kk, int panel, bool transpose) -> (Tensor, Tensor, Tensor)");
+  // Three indexes: forward (rows = outputs), grad input (rows = inputs), grad weight (rows = outputs, its
+  // panels sized for the weight gradient's partial sums). Forward takes all three so autograd can save them.
+  m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ptr, Tensor code, Tensor widx, "
+        "Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, Tensor wwidx) -> Tensor");
+  m.def("sparse_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor tptr, Tensor tcode, Tensor twidx, "
+        "Tensor wptr, Tensor wcode, Tensor wwidx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
+  m.def("sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "Tensor ptr, Tensor code, Tensor widx, Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, "
+        "Tensor wcode, Tensor wwidx) -> Tensor");
+  m.def("sparse_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation, Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, Tensor wwidx, "
+        "bool need_input, bool need_weight) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(siftc, CPU, m) {
+  m.impl("build_index", &build_index);
+  m.impl("sparse_linear", &sparse_linear);
+  m.impl("sparse_linear_backward", &sparse_linear_backward);
+  m.impl("sparse_conv2d", &sparse_conv2d);
+  m.impl("sparse_conv2d_backward", &sparse_conv2d_backward);
+}
+
+}  // namespace siftc

@@ -1,0 +1,74 @@
+"""The "sparseprop" backend: SparseProp's own kernels (`pip install sparseprop`), a peer to compare against.
+
+Optional. Each forward gathers the layer's masked weights into SparseProp's value array (a differentiable
+gather, so gradients land in `layer.weight`, zero outside the mask) and calls SparseProp's autograd
+Functions. Its index is built from the mask, not from non-zero values, so weights at zero inside the mask
+are kept, and is rebuilt when `layer.mask_version` changes.
+
+Known limits of the package (siftc's tests show them against masked dense): its convolutions give wrong
+results when the batch is not a multiple of 8 and NaNs on grouped convolutions; it supports square
+kernels, stride 1 or 2, no dilation, float32 only.
+"""
+import weakref
+
+import torch
+
+from siftc.errors import UsageError
+
+
+def _import():
+    try:
+        from sparseprop.modules import functions
+        from sparseprop.modules import utils
+    except ImportError as e:
+        raise UsageError("backend 'sparseprop' needs the SparseProp package: `pip install sparseprop` "
+                         "(it compiles C++ on install), or choose --backend native") from e
+    return functions, utils
+
+
+class SparseProp:
+    name = "sparseprop"
+
+    def __init__(self):
+        self._index = weakref.WeakKeyDictionary()  # layer -> (mask_version, flat positions, sparseprop index)
+
+    def _entry(self, layer, build):
+        entry = self._index.get(layer)
+        if entry is None or entry[0] != layer.mask_version:
+            entry = (layer.mask_version, *build())
+            self._index[layer] = entry
+        return entry[1], entry[2]
+
+    def linear(self, layer, x):  # (*, in) -> (*, out)
+        functions, utils = _import()
+
+        def build():
+            mask = layer.mask.detach().float()
+            _, idx = utils.to_csr_2d(mask)  # CSR of the mask: row-major order, the order of nonzero()
+            return layer.mask.flatten().nonzero().squeeze(1), idx
+
+        pos, idx = self._entry(layer, build)
+        vals = layer.weight.flatten()[pos]
+        return functions.SparseLinearFunction.apply(x, vals, idx, layer.bias, layer.out_features)
+
+    def conv2d(self, layer, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
+        functions, utils = _import()
+        kh, kw = layer.kernel_size
+        if (kh != kw or layer.stride[0] != layer.stride[1] or layer.stride[0] not in (1, 2)
+                or layer.padding[0] != layer.padding[1] or layer.dilation != (1, 1) or layer.groups != 1
+                or x.dtype != torch.float32):
+            raise UsageError(f"backend 'sparseprop' supports square float32 convs with stride 1 or 2 and no "
+                             f"dilation, not {layer}; use --backend native")
+        if layer.weight.numel() >= 1 << 24:
+            raise UsageError(f"backend 'sparseprop': weight of {layer} too large to index exactly")
+
+        def build():
+            # encode each masked position as its flat index + 1, so SparseProp's value order tells positions
+            code = torch.arange(1, layer.weight.numel() + 1, dtype=torch.float32).view_as(layer.weight)
+            vals, idx = utils.to_sparse_format_conv2d(code * layer.mask)
+            return vals.long() - 1, idx
+
+        pos, idx = self._entry(layer, build)
+        vals = layer.weight.flatten()[pos]
+        return functions.SparseConvFunction.apply(x, vals, idx, layer.bias, layer.out_channels, kh,
+                                                  layer.padding[0], layer.stride[0], False, False)

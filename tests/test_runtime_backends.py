@@ -1,0 +1,100 @@
+"""The backend registry, the "auto" and "sparseprop" backends, and the build's error path."""
+import importlib.util
+
+import pytest
+import torch
+
+from siftc.errors import UsageError
+from siftc.nn.sparse import SparseConv2d, SparseLinear
+from siftc.runtime import BACKENDS, build, get_backend, set_backend
+
+HAS_SPARSEPROP = importlib.util.find_spec("sparseprop") is not None
+
+
+def outputs(layer, x, backend):
+    set_backend(layer, backend)
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad, layer.weight.grad
+
+
+def test_registry_names_the_cli_choices():
+    assert {"torch", "native", "auto", "sparseprop"} <= set(BACKENDS)
+    with pytest.raises(UsageError, match="unknown backend 'cuda'"):
+        get_backend("cuda")
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(build, "_loaded", False)
+    monkeypatch.setenv("CXX", "no-such-compiler-siftc")
+    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler.*--backend torch"):
+        build.load()
+
+
+def test_auto_picks_a_backend_records_it_and_matches_reference():
+    layer = SparseConv2d(4, 6, 3, padding=1, nnz=40)
+    x = torch.randn(5, 4, 7, 7)
+    ref = outputs(layer, x, "torch")
+    got = outputs(layer, x, "auto")
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    record = layer.auto_choice
+    assert record["choice"] in ("native", "torch")
+    assert set(record["ms"]) == {"native", "torch"} and all(t > 0 for t in record["ms"].values())
+    assert record["choice"] == min(record["ms"], key=record["ms"].get)
+    # the timing did not leave gradients behind: one backward's worth only
+    torch.testing.assert_close(layer.weight.grad, ref[2], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_times_once_per_shape():
+    auto = BACKENDS["auto"]
+    layer = SparseLinear(16, 8, nnz=50)
+    set_backend(layer, "auto")
+    layer(torch.randn(4, 16))
+    layer(torch.randn(4, 16))
+    assert len(auto.choices[layer]) == 1
+    layer(torch.randn(9, 16))
+    assert len(auto.choices[layer]) == 2
+
+
+@pytest.mark.skipif(not HAS_SPARSEPROP, reason="sparseprop not installed (pip install sparseprop)")
+class TestSparseProp:
+    def test_linear_matches_masked_dense_including_zero_weights_in_mask(self):
+        layer = SparseLinear(40, 24, nnz=300)
+        with torch.no_grad():
+            layer.weight[layer.mask.nonzero()[:10].unbind(1)] = 0  # in the mask, at zero
+        x = torch.randn(16, 40)
+        ref, got = outputs(layer, x, "torch"), outputs(layer, x, "sparseprop")
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+        assert (got[2][~layer.mask] == 0).all()
+
+    def test_conv_matches_when_batch_is_a_multiple_of_8(self):
+        layer = SparseConv2d(8, 8, 3, padding=1, bias=False, nnz=200)
+        x = torch.randn(16, 8, 8, 8)
+        ref, got = outputs(layer, x, "torch"), outputs(layer, x, "sparseprop")
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+
+    def test_unsupported_conv_is_a_clear_error(self):
+        layer = SparseConv2d(4, 4, 3, dilation=2)
+        set_backend(layer, "sparseprop")
+        with pytest.raises(UsageError, match="sparseprop.*--backend native"):
+            layer(torch.randn(8, 4, 9, 9))
+
+
+def test_sparseprop_missing_names_the_install(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_sparseprop(name, *args, **kwargs):
+        if name.startswith("sparseprop"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_sparseprop)
+    layer = SparseLinear(4, 4)
+    set_backend(layer, "sparseprop")
+    with pytest.raises(UsageError, match="pip install sparseprop"):
+        layer(torch.randn(2, 4))
