@@ -1,0 +1,172 @@
+"""Iso-FLOP training: dense vs Sparse Wide at 50% and 75% sparsity (RigL), same steps, batch and lr.
+
+Two tasks on the shipped data (examples/make_data.py writes it, offline): the MLP on 8x8 digits and the
+byte-level GPT on Python standard-library text. Three seeds each (the seed sets the conversion's masks
+and init, the data order and RigL's draws). Prints, per configuration, the final validation loss and
+accuracy (mean and standard deviation over seeds), training steps/s (best of 3 timing windows) on the
+native sparse runtime and on masked dense ("torch"), and the training FLOPs (sparse forward + backward
++ RigL's dense-gradient steps) next to the dense model's. Writes benchmarks/results/iso_flop_training.json.
+
+    python benchmarks/iso_flop_training.py            # the full table (< 30 min on 2 shared cores)
+    python benchmarks/iso_flop_training.py --quick    # a smoke run: 1 seed, few steps
+
+Every run uses one intra-op thread: the machine's 2 cores are shared, and one thread per run is both
+faster under load and the same for every backend. If a kind cannot convert a model (a Sparse Wide rule
+missing for an op), the configuration falls back to Sparse Parallel and the table says so.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import siftc
+from siftc.errors import SiftcError
+from siftc.runtime import set_backend
+from siftc.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = {
+    # name: model spec, data, steps, batch, lr, timing steps
+    "digits-mlp": dict(model="examples/mlp.py:mlp", data="data/digits.npz", steps=600, batch=64, lr=2e-3,
+                       timed=30),
+    "stdlib-gpt": dict(model="examples/gpt.py:gpt", data="data/stdlib.txt", steps=300, batch=16, lr=2e-3,
+                       timed=8),
+}
+CONFIGS = [  # name, sparsity, method
+    ("dense", 0.0, "static"),
+    ("wide-50%", 0.5, "rigl"),
+    ("wide-75%", 0.75, "rigl"),
+]
+SEEDS = (0, 1, 2)
+
+
+def convert(spec: str, sparsity: float, seed: int, out: Path) -> str:
+    """Sparse Wide at `sparsity` (dense at 0); Sparse Parallel if wide cannot convert the model."""
+    for kind in ("wide", "parallel"):
+        try:
+            siftc.save(siftc.convert(str(ROOT / spec), kind, sparsity, seed=seed), out)
+            return kind
+        except SiftcError as e:
+            error = e
+    raise error
+
+
+def steps_per_s(artifact: Path, backend: str, batch: int, timed: int, repeats: int = 3) -> float:
+    """Training steps/s of the model on `backend` (forward, backward, AdamW) after warm-up: the best of
+    `repeats` windows of `timed` steps, since other work on shared cores only ever slows a window."""
+    model = set_backend(siftc.load(artifact), backend)
+    x0 = model.siftc_info.example_inputs[0]
+    if torch.is_floating_point(x0):
+        x, y = torch.randn(batch, *x0.shape[1:]), torch.randint(0, 10, (batch,))
+    else:
+        x = torch.randint(0, 256, (batch, *x0.shape[1:]))
+        y = torch.randint(0, 256, x.shape)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        out = model(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(max(3, timed // 5)):
+        step()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(timed):
+            step()
+        best = max(best, timed / (time.perf_counter() - t0))
+    return best
+
+
+def mean_sd(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run(quick: bool) -> dict:
+    torch.set_num_threads(1)
+    seeds = SEEDS[:1] if quick else SEEDS
+    results = {"machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+               "torch": torch.__version__, "threads": 1, "seeds": list(seeds), "tasks": {}}
+    with tempfile.TemporaryDirectory(prefix="siftc-bench-") as tmp:
+        tmp = Path(tmp)
+        for task, t in TASKS.items():
+            steps = 40 if quick else t["steps"]
+            rows = []
+            for name, sparsity, method in CONFIGS:
+                runs, kind = [], None
+                for seed in seeds:
+                    art = tmp / f"{task}-{name}-{seed}"
+                    kind = convert(t["model"], sparsity, seed, art)
+                    cfg = TrainConfig(str(art), str(ROOT / t["data"]), str(tmp / f"run-{art.name}"),
+                                      method=method, steps=steps, batch_size=t["batch"], lr=t["lr"],
+                                      backend="torch", seed=seed, threads=1, checkpoint_every=steps,
+                                      eval_every=steps)
+                    runs.append(train(cfg))
+                    print(f"  {task} {name} seed {seed}: val loss {runs[-1]['val_loss']:.4f}, "
+                          f"acc {runs[-1]['val_acc']:.4f}", file=sys.stderr, flush=True)
+                art0 = tmp / f"{task}-{name}-{seeds[0]}"
+                timed = 3 if quick else t["timed"]
+                speed = {be: steps_per_s(art0, be, t["batch"], timed)
+                         for be in (("torch",) if sparsity == 0 else ("native", "torch"))}
+                loss, acc = mean_sd([r["val_loss"] for r in runs]), mean_sd([r["val_acc"] for r in runs])
+                flops = runs[0]["flops"]
+                rows.append({"config": name, "kind": kind if sparsity else "dense", "sparsity": sparsity,
+                             "method": method, "steps": steps, "batch": t["batch"], "lr": t["lr"],
+                             "val_loss": loss, "val_acc": acc,
+                             "val_loss_runs": [r["val_loss"] for r in runs],
+                             "val_acc_runs": [r["val_acc"] for r in runs],
+                             "steps_per_s": speed, "train_flops": flops["total"],
+                             "dense_model_train_flops": flops["dense_model_total"],
+                             "flop_ratio": flops["ratio_to_dense"],
+                             "dense_grad_steps": flops["dense_grad_steps"],
+                             "params": siftc.load(art0).siftc_info.report["params"],
+                             "nonzero_params": siftc.load(art0).siftc_info.report["nonzero_params"]})
+            results["tasks"][task] = rows
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| task | config | kind | val loss (mean ± sd) | val acc (mean ± sd) | steps/s native | "
+             "steps/s masked dense | training FLOPs | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for task, rows in results["tasks"].items():
+        for r in rows:
+            native = r["steps_per_s"].get("native")
+            lines.append(f"| {task} | {r['config']} | {r['kind']} | "
+                         f"{r['val_loss'][0]:.4f} ± {r['val_loss'][1]:.4f} | "
+                         f"{r['val_acc'][0]:.2%} ± {r['val_acc'][1]:.2%} | "
+                         f"{f'{native:.1f}' if native else '-'} | {r['steps_per_s']['torch']:.1f} | "
+                         f"{r['train_flops']:.3e} | {r['flop_ratio']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps: check the script runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iso_flop_training.json"))
+    args = ap.parse_args()
+    for t in TASKS.values():
+        if not (ROOT / t["data"]).is_file():
+            sys.exit(f"{t['data']} is missing; run python examples/make_data.py first")
+    t0 = time.perf_counter()
+    results = run(args.quick)
+    results["elapsed_s"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"\n{len(results['seeds'])} seed(s), {results['elapsed_s'] / 60:.1f} min; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`siftc train`: sparse training with a progress bar; everything else is siftc.train."""
+import click
+from click.core import ParameterSource
+
+
+class _LazyChoice(click.Choice):
+    """A Choice whose names come from a registry imported only when the command runs or shows help
+    (so `siftc --help` does not import torch)."""
+
+    def __init__(self, load):
+        self._load = load
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return tuple(self._load())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
+def _backends():
+    from siftc.runtime import BACKENDS
+    return sorted(BACKENDS)
+
+
+def _default_backend():
+    return "auto" if "auto" in _backends() else "torch"
+
+
+def _registry(name):
+    def load():
+        import siftc.sparse
+        import siftc.train.config
+        return {"method": siftc.sparse.METHODS, "distribution": siftc.sparse.DISTRIBUTIONS,
+                "optimizer": siftc.train.config.OPTIMIZERS}[name]
+    return load
+
+
+class RichProgress:
+    """Progress bar (loss, items/s, ETA) and evaluation lines on the terminal. Picklable, so rank 0 of a
+    multi-process run can draw it too."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        kind = event["event"]
+        if kind == "start":
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task(event["method"], total=event["steps"],
+                                          completed=event["start_step"], loss="-", rate="")
+        elif kind == "step":
+            self.bar.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}",
+                            rate=f"{event['items_per_s']:,.0f} items/s")
+        elif kind == "eval":
+            self.bar.console.print(f"step {event['step']}: val loss {event['val_loss']:.4f}, "
+                                   f"val acc {event['val_acc']:.2%}")
+        elif kind == "end":
+            self.bar.stop()
+
+
+@click.command("train")
+@click.argument("artifact", required=False, type=click.Path())
+@click.option("--data", type=click.Path(), help="A .npz with x/y arrays (classification) or a text file "
+              "(byte-level language modelling).")
+@click.option("-o", "--output", type=click.Path(), help="Run directory (checkpoints, metrics, model/).")
+@click.option("--method", type=_LazyChoice(_registry("method")), default="rigl", show_default=True,
+              help="Mask scheduler.")
+@click.option("--steps", type=int, default=None, help="Training steps. [default: 1 epoch]")
+@click.option("--epochs", type=float, default=None, help="Epochs (instead of --steps).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate (constant).")
+@click.option("--optimizer", type=_LazyChoice(_registry("optimizer")), default="adamw", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--backend", type=_LazyChoice(_backends), default=_default_backend,
+              help="Runtime for the sparse layers. [default: auto where available, else torch]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Data order, masks, SET draws.")
+@click.option("--distribution", type=_LazyChoice(_registry("distribution")), default="uniform",
+              show_default=True, help="uniform: every layer iso-FLOP; erk: total FLOPs iso-FLOP.")
+@click.option("--update-every", type=int, default=100, show_default=True, help="Steps between mask updates.")
+@click.option("--drop-fraction", type=float, default=0.3, show_default=True,
+              help="Initial drop fraction, cosine-annealed to 0.")
+@click.option("--end-fraction", type=float, default=0.75, show_default=True,
+              help="No mask updates after this fraction of training.")
+@click.option("--checkpoint-every", type=int, default=200, show_default=True,
+              help="Steps between checkpoints.")
+@click.option("--eval-every", type=int, default=None, help="Steps between validations. [default: steps/10]")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Processes (torch.distributed, gloo, DDP); the batch is split across them.")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads per process. [default: torch's, cores / nproc with --nproc]")
+@click.option("--resume", type=click.Path(), default=None, metavar="RUN",
+              help="Continue RUN/ from its last checkpoint, with the settings it was started with.")
+@click.option("--force", is_flag=True, help="Replace the run directory if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train(ctx, artifact, data, output, resume, force, quiet, **options):
+    """Train ARTIFACT (a directory from `siftc convert`) on --data with a sparse mask scheduler.
+
+    \b
+      python examples/make_data.py            # data/digits.npz and data/stdlib.txt, offline
+      siftc convert examples/mlp.py --kind wide --sparsity 0.75 -o out/mlp-wide75
+      siftc train out/mlp-wide75 --data data/digits.npz --method rigl --epochs 20 -o runs/mlp-rigl
+      siftc train --resume runs/mlp-rigl      # after an interruption
+    """
+    from siftc.errors import UsageError
+    from siftc.train import TrainConfig
+    from siftc.train import train as run_training
+
+    progress = None if quiet else RichProgress()
+    if resume:
+        given = [name for name in ("artifact", "data", "output", "force", *options)
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise UsageError(f"--resume takes every setting from {resume}/run.json; drop "
+                             f"{', '.join(given)}")
+        summary = run_training(TrainConfig(artifact="", data="", out=resume), progress, resume=True)
+    else:
+        missing = [flag for flag, v in (("ARTIFACT", artifact), ("--data", data), ("-o", output)) if not v]
+        if missing:
+            raise UsageError(f"missing {', '.join(missing)}; e.g. siftc train out/mlp-par90 --data "
+                             f"data/digits.npz -o runs/mlp (or --resume RUN)")
+        cfg = TrainConfig(artifact=artifact, data=data, out=output, **options)
+        summary = run_training(cfg, progress, force=force)
+    _print_summary(summary, resume or output)
+
+
+def _print_summary(s: dict, run: str):
+    f = s["flops"]
+    val = f"val loss {s['val_loss']:.4f}, val acc {s['val_acc']:.2%}" if "val_loss" in s else "no validation"
+    rate = f"{s['steps_per_s']:.1f} steps/s" if s.get("steps_per_s") else "no steps run"
+    click.echo(f"{s['method']}: {s['steps']} steps, {val}, {rate} on {s['backend']}")
+    click.echo(f"training FLOPs {f['total']:.3e} (dense model {f['dense_model_total']:.3e}, "
+               f"{f['ratio_to_dense']:.3f}x; RigL dense-gradient steps: {f['dense_grad_steps']})")
+    click.echo(f"wrote {run}/model (artifact), metrics.jsonl, loss.png, summary.json")

@@ -1,0 +1,106 @@
+"""A training run's directory and its checkpoint.
+
+    RUN/run.json        the run's settings, its id, and digests of the artifact and data it started from
+    RUN/checkpoint.pt   the last checkpoint: model (weights + masks), optimizer, scheduler, step, every
+                        rank's RNG state, and how far metrics.jsonl had got; replaced atomically
+    RUN/metrics.jsonl   one JSON record per line (train loss, evaluations, mask updates)
+    RUN/loss.png, RUN/summary.json, RUN/model/  written at the end (model/ is a siftc artifact)
+
+A checkpoint is written to a temporary file, fsync'ed and renamed over the old one, so a kill at any
+moment leaves either the old or the new checkpoint, never half of one. It is read back with
+`torch.load(weights_only=True)`: tensors and plain data, no pickled code.
+"""
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+
+from siftc.errors import UsageError
+
+RUN_FORMAT = "siftc-run"
+CKPT_FORMAT = "siftc-checkpoint"
+VERSION = 1
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_digest(artifact) -> str:
+    """Identifies an artifact by the checksums its siftc.json records for its tensors."""
+    from siftc.artifact import read_meta
+    meta = read_meta(artifact, verify=False)
+    return hashlib.sha256(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()
+
+
+def write_run(run: Path, config: dict, artifact_sha: str, data_sha: str) -> dict:
+    info = {"format": RUN_FORMAT, "version": VERSION, "run_id": uuid.uuid4().hex, "config": config,
+            "artifact_sha": artifact_sha, "data_sha": data_sha}
+    _atomic_write(run / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    return info
+
+
+def read_run(run) -> dict:
+    run = Path(run)
+    path = run / "run.json"
+    if not path.is_file():
+        raise UsageError(f"{run} is not a siftc training run (no run.json); pass the -o directory of "
+                         f"an earlier `siftc train`")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is corrupt ({e}); start a new run") from e
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT or info.get("version") != VERSION:
+        raise UsageError(f"{path} is not a siftc run file of version {VERSION}; start a new run")
+    return info
+
+
+def save(run: Path, state: dict):
+    """Write RUN/checkpoint.pt atomically."""
+    state = {"format": CKPT_FORMAT, "version": VERSION, **state}
+    _atomic_write(run / "checkpoint.pt", lambda f: torch.save(state, f))
+
+
+def load(run: Path, run_id: str) -> dict | None:
+    """The run's last checkpoint, or None if it has none yet. Refuses one from another run."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read {path} ({str(e).splitlines()[0]}); it is corrupt, or not a "
+                         f"siftc checkpoint; delete it to restart the run from step 0") from e
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("version") != VERSION:
+        raise UsageError(f"{path} is not a siftc checkpoint of version {VERSION}; delete it to restart "
+                         f"the run from step 0")
+    if state.get("run_id") != run_id:
+        raise UsageError(f"{path} belongs to another run (run id {state.get('run_id')}, this run is "
+                         f"{run_id}); resume the run it came from, or delete it to restart from step 0")
+    return state
+
+
+def _atomic_write(path: Path, write):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,80 @@
+"""Training settings: one frozen dataclass, validated on construction."""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from siftc.errors import UsageError
+from siftc.sparse import DISTRIBUTIONS, METHODS
+
+OPTIMIZERS = {
+    # AdamW: robust on both the MLP and the GPT without tuning (the paper uses it for GPT).
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    # SGD with Nesterov-free momentum 0.9: the paper's choice for vision.
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    artifact: str
+    data: str
+    out: str
+    method: str = "rigl"            # static | set | rigl
+    steps: int | None = None        # exactly one of steps / epochs; neither means 1 epoch
+    epochs: float | None = None
+    batch_size: int = 32            # global: split across --nproc processes
+    lr: float = 1e-3                # AdamW's usual small-model rate
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0       # short runs on small data do not need it
+    backend: str = "torch"          # any name in siftc.runtime.BACKENDS
+    seed: int = 0                   # data order, mask distribution, SET's draws, dropout
+    distribution: str = "uniform"   # uniform keeps every layer iso-FLOP; erk keeps the total
+    update_every: int = 100         # the paper's dT
+    drop_fraction: float = 0.3      # the paper's a, cosine-annealed to 0
+    end_fraction: float = 0.75      # no mask updates after this fraction of training (paper)
+    checkpoint_every: int = 200     # steps between checkpoints; a killed run loses at most this many
+    eval_every: int | None = None   # steps between validations; None: 10 over the run, and at the end
+    log_every: int = 10             # steps averaged into one metrics.jsonl line
+    nproc: int = 1                  # processes (torch.distributed, gloo)
+    threads: int | None = None      # intra-op threads per process; None: torch's default (cores / nproc)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise UsageError(f"unknown distribution {self.distribution!r}; choose one of: "
+                             f"{', '.join(DISTRIBUTIONS)}")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both")
+        for name in ("steps", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UsageError(f"{name.replace('_', '-')}={v!r} must be a positive integer")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UsageError(f"epochs={self.epochs!r} must be positive, e.g. --epochs 3")
+        for name in ("batch_size", "update_every", "checkpoint_every", "log_every", "nproc"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"{name.replace('_', '-')}={v!r} must be a positive integer")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise UsageError(f"threads={self.threads!r} must be a positive integer")
+        if self.batch_size % self.nproc:
+            raise UsageError(f"batch size {self.batch_size} does not split over {self.nproc} processes; "
+                             f"pass a --batch-size that is a multiple of --nproc")
+        if not self.lr > 0:
+            raise UsageError(f"lr={self.lr!r} must be positive, e.g. --lr 1e-3")
+        if not self.weight_decay >= 0:
+            raise UsageError(f"weight decay {self.weight_decay!r} must be >= 0")
+        if not 0 <= self.drop_fraction <= 1 or not 0 <= self.end_fraction <= 1:
+            raise UsageError("drop fraction and end fraction must be in [0, 1] (paper: 0.3 and 0.75)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,41 @@
+"""`--nproc N`: N processes on this machine, torch.distributed with the gloo backend (CPU), the model
+wrapped in DistributedDataParallel.
+
+Each process takes a 1/N slice of every global batch; DDP averages the gradients, so all ranks apply the
+same update. Masks stay identical because the scheduler all-reduces RigL's dense gradients and
+broadcasts every new mask from rank 0 (see siftc.sparse.schedulers); at the end the ranks check that
+their weights and masks agree. Rank 0 alone logs, checkpoints and saves. Each process gets
+cores / N intra-op threads, so N processes do not oversubscribe the machine.
+"""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from siftc.train.config import TrainConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: TrainConfig, run_id: str, progress=None, dump_rank_state: bool = False):
+    """Run `cfg` in cfg.nproc processes and wait for all of them."""
+    port = free_port()
+    mp.spawn(_worker, args=(cfg, run_id, progress, port, dump_rank_state), nprocs=cfg.nproc, join=True)
+
+
+def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int, dump_rank_state: bool):
+    from siftc.train.loop import run
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc))
+    dist.init_process_group("gloo", rank=rank, world_size=cfg.nproc)
+    try:
+        run(cfg, run_id, progress, rank=rank, world=cfg.nproc, dump_rank_state=dump_rank_state)
+    finally:
+        dist.destroy_process_group()

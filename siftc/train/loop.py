@@ -1,0 +1,269 @@
+"""The training loop behind `siftc train`: load an artifact, check the data against it, train with a
+mask scheduler on a runtime backend, checkpoint, evaluate, and save the trained artifact.
+
+    >>> from siftc.train import TrainConfig, train
+    >>> summary = train(TrainConfig("out/mlp-par90", "data/digits.npz", "runs/mlp", method="rigl", steps=500))
+
+The library never prints: pass `progress`, a callable taking event dicts ({"event": "start" | "step" |
+"eval" | "end", ...}); only rank 0 calls it.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import siftc
+from siftc.artifact import check_output
+from siftc.errors import UsageError
+from siftc.runtime import set_backend
+from siftc.sparse import METHODS, apply, distribute, sparse_layers
+from siftc.train import checkpoint, data as data_mod
+from siftc.train.config import OPTIMIZERS, TrainConfig
+from siftc.train.flops import training_flops
+
+
+def prepare(cfg: TrainConfig):
+    """Load the artifact and the data and check they fit: every user error surfaces here, before any
+    process is spawned. Returns (model, data)."""
+    model = siftc.load(cfg.artifact)
+    set_backend(model, cfg.backend)
+    info = model.siftc_info
+    model.eval()
+    with torch.no_grad():
+        out = model(*info.example_inputs)
+    return model, data_mod.load(cfg.data, info.example_inputs, tuple(out.shape))
+
+
+def start(cfg: TrainConfig, force: bool = False) -> dict:
+    """Create RUN/ and its run.json for a new run."""
+    out = check_output(cfg.out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.png"):
+        (out / stale).unlink(missing_ok=True)
+    return checkpoint.write_run(out, cfg.to_json(), checkpoint.artifact_digest(cfg.artifact),
+                                checkpoint.file_sha256(cfg.data))
+
+
+def check_resumable(run) -> tuple[TrainConfig, dict]:
+    """The settings of RUN/ and its run.json, after checking its artifact and data are unchanged."""
+    info = checkpoint.read_run(run)
+    cfg = TrainConfig.from_json({**info["config"], "out": str(run)})
+    for what, path, digest, now in (
+            ("artifact", cfg.artifact, info["artifact_sha"], lambda p: checkpoint.artifact_digest(p)),
+            ("data", cfg.data, info["data_sha"], checkpoint.file_sha256)):
+        if not Path(path).exists():
+            raise UsageError(f"the run's {what} {path} is gone; restore it to resume {run}")
+        if now(path) != digest:
+            raise UsageError(f"the run's {what} {path} changed since {run} started; a resumed run "
+                             f"must see the same {what}: restore it or start a new run")
+    return cfg, info
+
+
+def train(cfg: TrainConfig, progress=None, force: bool = False, resume: bool = False) -> dict:
+    """Train in this process (cfg.nproc == 1) or in cfg.nproc processes. Returns the run's summary."""
+    if resume:
+        cfg, info = check_resumable(cfg.out)
+    prepared = prepare(cfg)
+    if resume:  # a checkpoint from elsewhere fails here, in one line, not inside N worker processes
+        state = checkpoint.load(cfg.out, info["run_id"])
+        if state is not None:
+            _fits(prepared[0], state, Path(cfg.out))
+    else:
+        info = start(cfg, force)
+    if cfg.nproc > 1:
+        from siftc.train.distributed import launch
+        launch(cfg, info["run_id"], progress)
+    else:
+        run(cfg, info["run_id"], progress, prepared=prepared)
+    return json.loads((Path(cfg.out) / "summary.json").read_text())
+
+
+def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1,
+        dump_rank_state: bool = False, prepared=None) -> None:
+    """One process's share of the run (all of it when world == 1). `dump_rank_state` (tests,
+    debugging) writes this rank's final state dict to RUN/rank<r>.pt."""
+    out = Path(cfg.out)
+    lead = rank == 0
+    if cfg.threads and world == 1:
+        torch.set_num_threads(cfg.threads)
+    model, data = prepared or prepare(cfg)
+    x0 = model.siftc_info.example_inputs
+    steps = cfg.steps or max(1, round((cfg.epochs or 1) * data.steps_per_epoch(cfg.batch_size)))
+    eval_every = cfg.eval_every or max(1, steps // 10)
+    state = checkpoint.load(out, run_id)
+    if state is None:  # a fresh start: same masks and init on every rank, from the seed
+        apply(model, distribute(model, cfg.distribution, x0), torch.Generator().manual_seed(cfg.seed))
+    torch.manual_seed(cfg.seed)
+    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = METHODS[cfg.method](model, optimizer, steps, update_every=cfg.update_every,
+                                drop_fraction=cfg.drop_fraction, end_fraction=cfg.end_fraction,
+                                seed=cfg.seed)
+    step0, metrics_at, elapsed0 = 0, 0, 0.0
+    if state is not None:
+        _restore(model, optimizer, sched, state, rank, out)
+        step0, metrics_at, elapsed0 = state["step"], state["metrics_offset"], state["elapsed"]
+    flop = training_flops(model, x0, cfg.batch_size, steps, sched, model.siftc_info.report["dense_flops"])
+    net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    log = _Metrics(out / "metrics.jsonl", metrics_at) if lead else None
+    emit = progress if (lead and progress is not None) else (lambda event: None)
+    emit({"event": "start", "steps": steps, "start_step": step0, "method": cfg.method,
+          "flops": flop, "items_per_step": cfg.batch_size})
+
+    t0, window, n_window = time.perf_counter() - elapsed0, 0.0, 0
+    t_window = time.perf_counter()
+    for step in range(step0, steps):
+        model.train()
+        x, y = data.batch(step, cfg.batch_size, cfg.seed, rank, world)
+        loss = _loss(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        record = sched.step()
+        done = step + 1
+        window, n_window = window + loss.item(), n_window + 1
+        if record and lead:
+            log.write({"step": done, "mask_update": record["drop_fraction"],
+                       "changed": sum(record["changed"].values())})
+        if done % cfg.log_every == 0 or done == steps:
+            now = time.perf_counter()
+            rate = n_window * cfg.batch_size / max(now - t_window, 1e-9)
+            if lead:
+                log.write({"step": done, "loss": window / n_window, "items_per_s": rate,
+                           "elapsed": now - t0})
+            emit({"event": "step", "step": done, "loss": window / n_window, "items_per_s": rate})
+            window, n_window, t_window = 0.0, 0, now
+        if lead and (done % eval_every == 0 or done == steps):
+            val = evaluate(model, data)
+            log.write({"step": done, **val})
+            emit({"event": "eval", "step": done, **val})
+        if done % cfg.checkpoint_every == 0 or done == steps:
+            _checkpoint(out, run_id, model, optimizer, sched, done, log, time.perf_counter() - t0, world,
+                        lead)
+    if world > 1:
+        _check_ranks_agree(model)
+    if dump_rank_state:
+        torch.save(model.state_dict(), out / f"rank{rank}.pt")
+    if lead:
+        summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0)
+        log.f.close()
+        emit({"event": "end", **summary})
+
+
+def _loss(logits, y):
+    if logits.dim() == 3:  # (B, T, V) next-byte logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(logits, y)  # (B, classes)
+
+
+@torch.no_grad()
+def evaluate(model, data, batch: int = 256) -> dict:
+    """Validation loss and accuracy (next-byte accuracy for text), in eval mode."""
+    was = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, len(data.val_x), batch):
+        logits, y = model(data.val_x[i:i + batch]), data.val_y[i:i + batch]
+        flat, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        total += F.cross_entropy(flat, target, reduction="sum").item()
+        correct += int((flat.argmax(-1) == target).sum())
+        count += target.numel()
+    model.train(was)
+    return {"val_loss": total / count, "val_acc": correct / count}
+
+
+class _Metrics:
+    """metrics.jsonl, cut back to where the checkpoint was taken when a run resumes."""
+
+    def __init__(self, path: Path, offset: int):
+        self.path = path
+        with open(path, "ab") as f:
+            f.truncate(offset)
+        self.f = open(path, "a")
+
+    def write(self, record: dict):
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world, lead):
+    rng = torch.get_rng_state()
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng)
+    else:
+        states = [rng]
+    if lead:
+        checkpoint.save(out, {"run_id": run_id, "step": step, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                              "rng": states, "metrics_offset": log.tell(), "elapsed": elapsed})
+
+
+def _fits(model, state, out):
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise UsageError(f"{out / 'checkpoint.pt'} does not fit this run's model "
+                         f"({' '.join(str(e).split())[:200]}); it is from another run: delete it "
+                         f"to restart from step 0") from e
+
+
+def _restore(model, optimizer, sched, state, rank, out):
+    _fits(model, state, out)
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"][rank])
+
+
+def _check_ranks_agree(model):
+    """Weights and masks must be bitwise equal on every rank; a mismatch is a siftc bug."""
+    digest = torch.stack([t.double().sum() for t in model.state_dict().values()])
+    ref = digest.clone()
+    dist.broadcast(ref, src=0)
+    if not torch.equal(ref, digest):
+        raise RuntimeError(f"siftc bug: rank {dist.get_rank()} diverged from rank 0 (weights or masks)")
+
+
+def _finish(cfg, model, steps, flop, sched, elapsed, log, step0) -> dict:
+    out = Path(cfg.out)
+    siftc.save(model, out / "model", force=True)
+    records = [json.loads(line) for line in log.path.read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "val_loss" in r]
+    summary = {"method": cfg.method, "steps": steps, "batch_size": cfg.batch_size,
+               "backend": cfg.backend, "nproc": cfg.nproc, "resumed_at": step0 or None,
+               "elapsed_s": elapsed, "steps_per_s": steps / elapsed if elapsed else None,
+               "mask_updates": sched.updates, "flops": flop,
+               "nnz": {n: layer.nnz for n, layer in sparse_layers(model).items()},
+               **({k: evals[-1][k] for k in ("val_loss", "val_acc")} if evals else {})}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_losses(records, out / "loss.png", title=f"{Path(cfg.artifact).name} · {cfg.method}")
+    return summary
+
+
+def plot_losses(records: list, path: Path, title: str = ""):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""Mask distributions: uniform keeps the conversion's counts, ERK keeps the total FLOPs."""
+import pytest
+import torch
+from torch import nn
+
+from siftc import flops
+from siftc.errors import UsageError
+from siftc.nn.sparse import SparseConv2d, SparseLinear
+from siftc.sparse import apply, distribute, sparse_layers
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = SparseConv2d(3, 16, 3, padding=1, nnz=108, generator=g)    # 432 weights, 25%
+        self.fc1 = SparseLinear(16 * 8 * 8, 64, nnz=16384, generator=g)         # 65536 weights, 25%
+        self.fc2 = SparseLinear(64, 10, nnz=160, generator=g)                  # 640 weights, 25%
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def test_uniform_keeps_counts():
+    net = Net()
+    assert distribute(net, "uniform") == {"conv": 108, "fc1": 16384, "fc2": 160}
+
+
+def test_erk_keeps_total_flops_and_favours_small_layers():
+    net = Net()
+    x = (torch.randn(1, 3, 8, 8),)
+    before = flops.count(net, x)
+    counts = distribute(net, "erk", x)
+    apply(net, counts, torch.Generator().manual_seed(1))
+    after = flops.count(net, x)
+    assert {n: l.nnz for n, l in sparse_layers(net).items()} == counts
+    # total FLOPs equal within one weight of the costliest layer (64 positions for the conv)
+    assert before.total - 2 * 64 < after.total <= before.total
+    density = {n: counts[n] / l.weight.numel() for n, l in sparse_layers(net).items()}
+    assert density["fc2"] > density["fc1"] and density["conv"] > density["fc1"]
+    assert all(0 < d <= 1 for d in density.values())
+    assert all(torch.all(l.weight[~l.mask] == 0) for l in sparse_layers(net).values())
+
+
+def test_erk_caps_dense_layers():
+    net = Net()
+    with torch.no_grad():  # a budget large enough that ERK wants the small layers above density 1
+        for layer in sparse_layers(net).values():
+            layer.set_mask(torch.rand(layer.weight.shape) < 0.9)
+    x = (torch.randn(1, 3, 8, 8),)
+    budget = flops.count(net, x).total
+    counts = distribute(net, "erk", x)
+    assert counts["fc2"] == 640
+    apply(net, counts)
+    assert budget - 2 * 64 < flops.count(net, x).total <= budget
+
+
+def test_unknown_distribution():
+    with pytest.raises(UsageError, match="uniform"):
+        distribute(Net(), "lognormal")
