@@ -1,0 +1,95 @@
+"""DeepSparse (Neural Magic): compiles the ONNX file, finds the exact zeros in the weights at compile
+time and runs those layers with sparse kernels.
+
+`details()` reports `supported_fraction`, the share of the graph DeepSparse runs on its own kernels
+(`Engine.fraction_of_supported_ops`). Below 1.0 it also reports which sparse layers fell back:
+DeepSparse's per-layer analysis (`DebugAnalysisEngine`, compiled once more at batch 1) names the ONNX
+nodes each of its kernels runs, and every MatMul/Gemm/Conv fed by a sparse weight must be among them.
+"""
+import platform
+import sys
+
+from siftc.bench.engine import Engine
+from siftc.errors import EngineError
+
+INSTALL = "pip install deepsparse==1.8.0 (Linux x86-64 with AVX2, Python 3.8-3.11)"
+
+
+class DeepSparseEngine(Engine):
+    name = "deepsparse"
+
+    @classmethod
+    def available(cls):
+        if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+            raise EngineError(f"DeepSparse does not run on {sys.platform}/{platform.machine()} "
+                              f"(Linux x86-64 only); use --engine onnxruntime,torch")
+        if not (3, 8) <= sys.version_info[:2] <= (3, 11):
+            raise EngineError(f"DeepSparse 1.8.0 supports Python 3.8-3.11, this is "
+                              f"{sys.version.split()[0]}; use --engine onnxruntime,torch")
+        try:
+            import deepsparse
+        except Exception as e:  # ImportError, or its own platform check failing at import
+            raise EngineError(f"DeepSparse is not usable here ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              f"{INSTALL}, or use --engine onnxruntime,torch") from e
+        if platform.machine() == "x86_64" and not deepsparse.cpu_avx2_compatible():
+            raise EngineError("DeepSparse needs a CPU with AVX2; use --engine onnxruntime,torch")
+
+    def __init__(self, path, batch, threads):
+        super().__init__(path, batch, threads)
+        import deepsparse
+        try:
+            self._engine = deepsparse.Engine(str(path), batch_size=batch, num_cores=threads)
+        except Exception as e:
+            raise EngineError(f"DeepSparse could not compile {path}: {str(e).splitlines()[0]}") from e
+
+    def run(self, inputs):
+        return self._engine.run(inputs, val_inp=False)
+
+    def details(self):
+        d = {"supported_fraction": self._engine.fraction_of_supported_ops, "num_cores": self._engine.num_cores}
+        if d["supported_fraction"] < 1.0:
+            d["sparse_layers_fallback"] = sparse_layers_off_kernels(self.path, self.threads)
+        return d
+
+    def close(self):
+        self._engine = None
+
+
+def sparse_weight_nodes(path) -> dict:
+    """ONNX node output -> initializer, for every MatMul/Gemm/Conv whose weight has exact zeros
+    (the sidecar names the sparse initializers when there is one; otherwise any zero fraction >= 1/2)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from siftc.export import read_sidecar
+    model = onnx.load(str(path))
+    meta = read_sidecar(path)
+    if meta is not None:
+        sparse = {layer["initializer"] for layer in meta["layers"] if layer.get("initializer")}
+    else:
+        sparse = set()
+        for t in model.graph.initializer:
+            a = numpy_helper.to_array(t)
+            if a.ndim >= 2 and np.count_nonzero(a) <= a.size // 2:
+                sparse.add(t.name)
+    return {n.output[0]: w for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
+            for w in n.input if w in sparse}
+
+
+def sparse_layers_off_kernels(path, threads) -> list[str]:
+    """Initializers of sparse layers DeepSparse does not run on its own kernels (empty: all on them)."""
+    from deepsparse.engine import DebugAnalysisEngine
+    eng = DebugAnalysisEngine(str(path), batch_size=1, num_cores=threads, num_iterations=1,
+                              num_warmup_iterations=0)
+    analysis = eng.analyze(eng.generate_random_inputs())
+    covered = set()
+
+    def walk(layers):
+        for layer in layers:
+            if not layer["name"].startswith("Naive"):  # "Naive Subgraph": DeepSparse's fallback executor
+                covered.update(layer["canonical_name"].split(","))
+            walk(layer.get("sub_layer_info", []))
+
+    walk(analysis["layer_info"])
+    return sorted(w for out, w in sparse_weight_nodes(path).items() if out not in covered)

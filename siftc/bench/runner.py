@@ -1,0 +1,257 @@
+"""Measure ONNX files on several engines, fairly.
+
+For each batch: every (file, engine) pair is compiled, warmed up (excluded from the numbers), then
+measured in turns: turn 1 runs each pair for its slice, turn 2 again, and so on, so a drift in the
+machine (another job, thermal state) hits every pair alike. Every engine gets the same input arrays.
+Latencies are per call; items/s = batch x calls / measured seconds.
+"""
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from siftc.bench.engine import ENGINES, get_engine
+from siftc.errors import EngineError, UsageError
+
+FORMAT = "siftc-bench"
+SETTLE_S = 0.2  # pause before each slice, so the previous engine's worker threads have gone idle
+VERSION = 1
+
+
+def default_threads() -> int:
+    """The cores this process may use (an affinity mask or a container can give fewer than cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    engines: tuple[str, ...] = tuple(ENGINES)
+    batches: tuple[int, ...] = (1,)
+    # Default: every core this process may use; DeepSparse, ORT and torch are each given this many.
+    threads: int = field(default_factory=default_threads)
+    # Calls per pair before timing: first calls pay for allocation, caches and thread-pool start-up.
+    warmup: int = 5
+    # Measured seconds per (file, engine, batch), split over the turns; 5 s when neither is given.
+    time_s: float | None = None
+    # Measured calls per (file, engine, batch), split over the turns, instead of a time.
+    iterations: int | None = None
+    # Turns the measurement is split into; more turns spread drift more evenly.
+    turns: int = 5
+    # Seeds the input arrays.
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.engines:
+            raise UsageError("no engine given; pass e.g. --engine deepsparse,onnxruntime")
+        unknown = [e for e in self.engines if e not in ENGINES]
+        if unknown:
+            raise EngineError(f"unknown engine {', '.join(unknown)}; choose from: {', '.join(ENGINES)}")
+        if not self.batches or any(not isinstance(b, int) or b < 1 for b in self.batches):
+            raise UsageError(f"batch sizes {self.batches} must be positive integers, e.g. --batch 1,64")
+        if self.threads < 1:
+            raise UsageError(f"threads {self.threads} must be >= 1, e.g. --threads {default_threads()}")
+        if self.warmup < 0 or self.turns < 1:
+            raise UsageError("--warmup must be >= 0 and turns >= 1")
+        if self.time_s is None and self.iterations is None:
+            object.__setattr__(self, "time_s", 5.0)  # enough calls for a stable p50 on a small model
+        if (self.time_s is None) == (self.iterations is None):
+            raise UsageError("pass exactly one of --time SECONDS and --iterations N")
+        if (self.time_s is not None and self.time_s <= 0) or (self.iterations is not None and self.iterations < 1):
+            raise UsageError("--time must be > 0 seconds and --iterations >= 1")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+@dataclass
+class ModelFile:
+    path: Path
+    inputs: list          # [{"name", "shape" (dim 0 int or a name), "dtype", optional "low"/"high"}]
+    static_batch: int | None
+    meta: dict | None     # siftc sidecar, if any
+
+    def label(self) -> str:
+        if self.meta:
+            return f"{self.path.name} ({self.meta['kind']} {self.meta['sparsity']:g})"
+        return self.path.name
+
+
+_ONNX_DTYPES = {1: "float32", 7: "int64", 6: "int32", 9: "bool", 10: "float16", 11: "float64"}
+
+
+def open_model(path) -> ModelFile:
+    """Read a file's inputs (from the ONNX graph) and siftc sidecar; errors name the file and the fix."""
+    import onnx
+
+    from siftc.export import read_sidecar
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file {path} not found; pass an .onnx file written by siftc export")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        graph = model.graph
+        if not graph.node:
+            raise ValueError("the graph has no nodes")
+    except Exception as e:
+        hint = (f"export it first: siftc export {path} -o {path.stem}.onnx" if path.suffix == ".py"
+                else "pass an .onnx file, e.g. from siftc export")
+        raise UsageError(f"{path} is not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"{hint}") from e
+    init_names = {t.name for t in graph.initializer}
+    meta = read_sidecar(path)
+    by_name = {s["name"]: s for s in (meta or {}).get("inputs", [])}
+    inputs = []
+    for i in graph.input:
+        if i.name in init_names:
+            continue
+        tt = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        spec = {"name": i.name, "shape": shape, "dtype": _ONNX_DTYPES.get(tt.elem_type, "float32")}
+        spec.update({k: v for k, v in by_name.get(i.name, {}).items() if k in ("low", "high")})
+        inputs.append(spec)
+    batch_dims = {s["shape"][0] for s in inputs if s["shape"]}
+    static = next(iter(batch_dims)) if len(batch_dims) == 1 and isinstance(next(iter(batch_dims)), int) else None
+    for s in inputs:
+        if any(not isinstance(d, int) for d in s["shape"][1:]):
+            raise UsageError(f"{path}: input {s['name']} has a free dimension other than the batch "
+                             f"{s['shape']}; export it with fixed non-batch sizes")
+    return ModelFile(path, inputs, static, meta)
+
+
+def make_inputs(mf: ModelFile, batch: int, seed: int) -> list:
+    """Arrays for `batch`: floats ~ N(0, 1), integers uniform over the sidecar's range (token ids)."""
+    if mf.static_batch is not None and mf.static_batch != batch:
+        raise UsageError(f"batch {batch} does not fit {mf.path}, exported with static batch {mf.static_batch}; "
+                         f"bench it with --batch {mf.static_batch}, or re-export with --batch {batch} "
+                         f"or --dynamic-batch")
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for s in mf.inputs:
+        shape = [batch, *s["shape"][1:]]
+        if s["dtype"].startswith("float"):
+            arrays.append(rng.standard_normal(shape).astype(s["dtype"]))
+        elif s["dtype"] == "bool":
+            arrays.append(np.ones(shape, dtype=bool))
+        else:
+            arrays.append(rng.integers(s.get("low", 0), s.get("high", 0) + 1, size=shape).astype(s["dtype"]))
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------- stats
+
+def summarize(latencies_s: list[float], batch: int) -> dict:
+    ms = np.asarray(latencies_s) * 1e3
+    return {"iterations": int(ms.size),
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "items_per_s": float(batch * ms.size / (ms.sum() / 1e3))}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": default_threads(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+def bench(paths, cfg: BenchConfig, progress=None) -> dict:
+    """Benchmark every file on every engine at every batch. Returns the JSON-able result.
+
+    `progress(advance: int, total: int, label: str)` is called as work proceeds, for a progress bar.
+    An engine that cannot run here (missing, unsupported CPU) or refuses a file is a note; the rest run.
+    """
+    say = progress or (lambda advance, total, label: None)
+    files = [open_model(p) for p in paths]
+    inputs = {(f.path, b): make_inputs(f, b, cfg.seed) for b in cfg.batches for f in files}  # checks fit first
+
+    notes, classes = [], {}
+    for name in cfg.engines:
+        try:
+            classes[name] = get_engine(name)
+        except EngineError as e:
+            notes.append(f"{name}: {e}")
+    rows = []
+    per_turn = _slice(cfg)
+    pairs_total = len(files) * len(classes) * len(cfg.batches)
+    total = pairs_total * (1 + cfg.turns)  # one step per compile+warm-up, one per measured slice
+    for batch in cfg.batches:
+        live = []
+        for f in files:
+            ref = None
+            for name, cls in classes.items():
+                say(0, total, f"compiling {f.path.name} on {name}, batch {batch}")
+                try:
+                    eng = cls(f.path, batch, cfg.threads)
+                    outs = None
+                    for _ in range(max(cfg.warmup, 1)):
+                        outs = eng.run(inputs[(f.path, batch)])
+                except EngineError as e:
+                    rows.append(_row(f, name, batch, cfg, status="skipped", note=str(e)))
+                    notes.append(f"{name} on {f.path.name}: {e}")
+                    say(1 + cfg.turns, total, "")
+                    continue
+                diff = None
+                if ref is None:
+                    ref = (name, outs)
+                else:
+                    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - b), initial=0.0))
+                               for a, b in zip(outs, ref[1]))
+                live.append({"file": f, "engine": eng, "name": name, "lat": [], "ref": ref[0], "diff": diff})
+                say(1, total, f"compiled {f.path.name} on {name}")
+        for turn in range(cfg.turns):
+            for pair in live:
+                time.sleep(SETTLE_S)
+                say(0, total, f"turn {turn + 1}/{cfg.turns}: {pair['file'].path.name} on {pair['name']}, batch {batch}")
+                pair["lat"].extend(_measure(pair["engine"], inputs[(pair["file"].path, batch)], per_turn))
+                say(1, total, "")
+        for pair in live:
+            row = _row(pair["file"], pair["name"], batch, cfg, status="ok", **summarize(pair["lat"], batch),
+                       **pair["engine"].details())
+            if pair["diff"] is not None:
+                row["max_abs_diff"] = {"vs": pair["ref"], "value": pair["diff"]}
+            rows.append(row)
+            pair["engine"].close()
+    return {"format": FORMAT, "version": VERSION, "machine": machine(), "settings": asdict(cfg),
+            "results": rows, "notes": notes}
+
+
+def _slice(cfg: BenchConfig) -> dict:
+    if cfg.iterations is not None:
+        return {"iterations": -(-cfg.iterations // cfg.turns)}
+    return {"seconds": cfg.time_s / cfg.turns}
+
+
+def _measure(engine, arrays, per_turn) -> list[float]:
+    """Latencies (s) of calls for one slice: a count, or as many as fit in a time (at least one)."""
+    lat = []
+    deadline = time.perf_counter() + per_turn.get("seconds", 0.0)
+    while True:
+        t0 = time.perf_counter()
+        engine.run(arrays)
+        t1 = time.perf_counter()
+        lat.append(t1 - t0)
+        if "iterations" in per_turn:
+            if len(lat) >= per_turn["iterations"]:
+                return lat
+        elif t1 >= deadline:
+            return lat
+
+
+def _row(f: ModelFile, engine: str, batch: int, cfg: BenchConfig, status: str, note: str | None = None, **stats):
+    meta = f.meta or {}
+    row = {"model": str(f.path), "kind": meta.get("kind"), "sparsity": meta.get("sparsity"),
+           "engine": engine, "batch": batch, "threads": cfg.threads, "status": status}
+    if note:
+        row["note"] = note
+    row.update(stats)
+    return row

@@ -1,0 +1,151 @@
+"""`siftc bench`: latency and throughput of ONNX files on DeepSparse, ONNX Runtime and PyTorch."""
+import json
+from pathlib import Path
+
+import click
+
+from siftc.bench.engine import ENGINES
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    from siftc.errors import UsageError
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{what} {text!r} must be positive integers, comma-separated, e.g. 1,64")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    from siftc.errors import UsageError
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"--sparsities {text!r} must be numbers in [0, 1), e.g. 0,0.5,0.75,0.9") from None
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1)
+@click.option("--engine", "engines", default=",".join(ENGINES), show_default=True,
+              help=f"Comma-separated engines: {', '.join(ENGINES)}.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=int, default=None, help="Threads (cores) per engine.  [default: all usable cores]")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed calls per engine first.")
+@click.option("--time", "time_s", type=float, default=None,
+              help="Measured seconds per (model, engine, batch).  [default: 5]")
+@click.option("--iterations", type=int, default=None, help="Measured calls per (model, engine, batch), instead of --time.")
+@click.option("--turns", type=int, default=5, show_default=True,
+              help="Engines take turns this many times, so machine drift hits all.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
+@click.option("--plot", "plot_out", type=click.Path(), default=None,
+              help="With --sweep: draw latency relative to dense against sparsity here (PNG).")
+@click.option("--sweep", "sweep_model", default=None, metavar="MODEL.PY[:FACTORY]",
+              help="Convert, export and bench MODEL at each --sparsities point instead of given files.")
+@click.option("--kind", default="wide", show_default=True, help="With --sweep: the Sparse-IFT kind.")
+@click.option("--sparsities", default="0,0.5,0.75,0.9", show_default=True, help="With --sweep: the points.")
+@click.option("--out-dir", type=click.Path(), default=None,
+              help="With --sweep: where artifacts and ONNX files go (reused when up to date).  [default: sweep-<model>-<kind>]")
+@click.option("--round-to", type=int, default=1, show_default=True, help="With --sweep: width multiple (wide).")
+@click.option("--opset", type=int, default=None, help="With --sweep: ONNX opset.  [default: 17]")
+@click.option("--dynamic-batch", is_flag=True, help="With --sweep: export a free batch dimension.")
+@click.option("--force", is_flag=True, help="With --sweep: rebuild every point even if up to date.")
+def bench_cmd(models, engines, batches, threads, warmup, time_s, iterations, turns, json_out, plot_out,
+              sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force):
+    """Benchmark MODELS (.onnx files) on each engine with the same inputs, after warm-up, in turns.
+
+    Reports p50/p90/p99/mean latency, items/s and threads per (model, engine, batch), and for
+    DeepSparse the fraction of the graph it runs on its own (sparse) kernels. An engine that cannot
+    run here is a note; the others still run. The torch engine rebuilds the PyTorch model named in
+    the file's siftc sidecar.
+
+    \b
+      siftc bench rn18-dense.onnx rn18-wide90.onnx --batch 64 --time 20
+      siftc bench gpt.onnx --engine deepsparse,onnxruntime --batch 1,8 --iterations 200 --json out.json
+      siftc bench --sweep examples/resnet.py:resnet18_imagenet --kind wide \\
+          --sparsities 0,0.5,0.75,0.9 --batch 64 --plot sweep.png --json sweep.json
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from siftc.bench.engine import parse_engines
+    from siftc.bench.runner import BenchConfig, bench, default_threads
+    from siftc.errors import UsageError
+
+    if sweep_model and models:
+        raise UsageError("pass either MODEL.onnx files or --sweep MODEL.py, not both")
+    if not sweep_model and not models:
+        raise UsageError("no model given; pass MODEL.onnx files (from siftc export) or --sweep model.py")
+    if plot_out and not sweep_model:
+        raise UsageError("--plot draws a sweep; add --sweep model.py (or drop --plot)")
+    if time_s is not None and iterations is not None:
+        raise UsageError("--time and --iterations contradict each other; pass one of them")
+    cfg = BenchConfig(engines=tuple(parse_engines(engines)), batches=_ints(batches, "--batch"),
+                      threads=threads or default_threads(), warmup=warmup,
+                      time_s=None if iterations else (time_s or 5.0), iterations=iterations, turns=turns)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(advance, total, label):
+            bar.update(task, advance=advance, total=total, **({"description": label} if label else {}))
+
+        def step(label):
+            bar.update(task, description=label)
+
+        if sweep_model:
+            from siftc.bench.sweep import run_sweep
+            from siftc.export import DEFAULT_OPSET
+            stem = Path(sweep_model.partition(":")[0]).stem + (f"-{sweep_model.partition(':')[2]}" if ":" in sweep_model else "")
+            result = run_sweep(sweep_model, kind, _floats(sparsities), Path(out_dir or f"sweep-{stem}-{kind}"), cfg,
+                               opset=opset or DEFAULT_OPSET, round_to=round_to,
+                               dynamic_batch=dynamic_batch, force=force, progress=progress, step=step)
+        else:
+            result = bench(models, cfg, progress=progress)
+    print_results(result)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=1))
+        click.echo(f"wrote {json_out}")
+    if plot_out:
+        from siftc.bench.plot import plot_sweep
+        click.echo(f"wrote {plot_sweep(result, plot_out)}")
+
+
+def print_results(result: dict):
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result["machine"]
+    table = Table(title=f"siftc bench: {m['cpu']}, {m['usable_cores']} cores", title_justify="left")
+    for col in ("model", "engine", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "notes"):
+        table.add_column(col, justify="left" if col in ("model", "engine", "notes") else "right", no_wrap=col != "notes")
+    for r in result["results"]:
+        name = Path(r["model"]).name + (f" ({r['kind']} {r['sparsity']:g})" if r.get("kind") else "")
+        if r["status"] != "ok":
+            table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), *["-"] * 5, r.get("note", ""))
+            continue
+        notes = []
+        if "supported_fraction" in r:
+            notes.append(f"supported {r['supported_fraction']:.3f}")
+            if r.get("sparse_layers_fallback"):
+                notes.append(f"sparse layers NOT on DeepSparse kernels: {len(r['sparse_layers_fallback'])}")
+        table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                      f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", f"{r['items_per_s']:,.1f}", "; ".join(notes))
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(table)
+    if "sweep" in result:
+        sweep = Table(title="latency relative to dense on the same engine (p50)", title_justify="left")
+        engines = sorted({e for p in result["sweep"]["points"] for e in p["relative"]})
+        for col in ["batch", "sparsity", *engines, "DeepSparse speed-up vs ORT"]:
+            sweep.add_column(col, justify="right")
+        for p in result["sweep"]["points"]:
+            speed = p.get("deepsparse_speedup_vs_onnxruntime")
+            sweep.add_row(str(p["batch"]), f"{p['sparsity']:g}", *[f"{p['relative'].get(e, float('nan')):.2f}x" for e in engines],
+                          f"{speed:.2f}x" if speed else "-")
+        console.print(sweep)
+    for note in result["notes"]:
+        console.print(f"note: {note}")
+

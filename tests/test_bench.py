@@ -1,0 +1,139 @@
+"""siftc.bench: real DeepSparse and ONNX Runtime runs on a small model, the JSON schema, turns that
+interleave engines, a missing engine as a note, the sweep and its picture, and the CLI's errors."""
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import spec_path
+
+import siftc
+from siftc import export as ex
+from siftc.bench import engine as engine_mod
+from siftc.bench import runner
+from siftc.bench.deepsparse_engine import DeepSparseEngine
+from siftc.bench.runner import BenchConfig, bench
+from siftc.bench.sweep import run_sweep
+from siftc.cli import main
+from siftc.errors import EngineError, UsageError
+
+ROW_KEYS = {"model", "kind", "sparsity", "engine", "batch", "threads", "status", "iterations", "p50_ms", "p90_ms",
+            "p99_ms", "mean_ms", "items_per_s"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    siftc.save(siftc.convert(spec_path("examples/mlp.py:mlp"), kind="parallel", sparsity=0.9), d / "par90")
+    return {"dense": ex.export(spec_path("examples/mlp.py:mlp"), d / "dense.onnx", batch=4).path,
+            "sparse": ex.export(d / "par90", d / "par90.onnx", batch=4).path,
+            "dynamic": ex.export(d / "par90", d / "dyn.onnx", dynamic_batch=True).path}
+
+
+def test_real_engines_schema_and_agreement(files):
+    cfg = BenchConfig(engines=("deepsparse", "onnxruntime", "torch"), batches=(4,), threads=1, warmup=2,
+                      iterations=6, turns=2)
+    result = bench([files["dense"], files["sparse"]], cfg)
+    json.dumps(result)  # JSON-able as is
+    assert result["format"] == "siftc-bench" and result["version"] == 1
+    assert {"cpu", "logical_cores", "usable_cores"} <= result["machine"].keys()
+    assert result["settings"]["iterations"] == 6 and result["notes"] == []
+    rows = result["results"]
+    assert [(r["engine"], r["sparsity"]) for r in rows] == [(e, s) for s in (0, 0.9) for e in cfg.engines]
+    for r in rows:
+        assert ROW_KEYS <= r.keys() and r["status"] == "ok" and r["batch"] == 4 and r["threads"] == 1
+        assert r["iterations"] == 6  # 2 turns x 3 calls, warm-up excluded
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["items_per_s"] == pytest.approx(4 * 1000 / r["mean_ms"], rel=1e-6)
+        if r["engine"] != "deepsparse":  # every engine gets the same inputs: outputs agree
+            assert r["max_abs_diff"]["vs"] == "deepsparse" and r["max_abs_diff"]["value"] < 1e-3
+    ds = [r for r in rows if r["engine"] == "deepsparse"]
+    assert all(r["supported_fraction"] == 1.0 for r in ds)  # every layer, so every sparse layer, on its kernels
+
+
+def test_dynamic_file_runs_at_every_batch(files):
+    result = bench([files["dynamic"]], BenchConfig(engines=("onnxruntime", "deepsparse"), batches=(1, 3),
+                                                   iterations=2, turns=1, warmup=1))
+    assert sorted((r["engine"], r["batch"]) for r in result["results"]) == \
+        [("deepsparse", 1), ("deepsparse", 3), ("onnxruntime", 1), ("onnxruntime", 3)]
+
+
+def test_engines_take_turns(files, monkeypatch):
+    calls = []
+
+    class Fake(engine_mod.Engine):
+        def __init__(self, path, batch, threads):
+            super().__init__(path, batch, threads)
+
+        def run(self, inputs):
+            calls.append(self.name)
+            return [np.zeros(1)]
+
+    monkeypatch.setattr(runner, "SETTLE_S", 0)
+    classes = {n: type(n, (Fake,), {"name": n}) for n in ("a", "b")}
+    monkeypatch.setattr(engine_mod, "ENGINES", {"a": "x:a", "b": "x:b"})
+    monkeypatch.setattr(runner, "ENGINES", {"a": "x:a", "b": "x:b"})
+    monkeypatch.setattr(runner, "get_engine", lambda name: classes[name])
+    bench([files["sparse"]], BenchConfig(engines=("a", "b"), batches=(4,), warmup=1, iterations=4, turns=2))
+    assert calls == ["a", "b"] + ["a"] * 2 + ["b"] * 2 + ["a"] * 2 + ["b"] * 2  # warm-up, turn 1, turn 2
+
+
+def test_missing_deepsparse_is_a_note(files, monkeypatch):
+    def unavailable():
+        raise EngineError("DeepSparse is not usable here (test); pip install deepsparse==1.8.0")
+    monkeypatch.setattr(DeepSparseEngine, "available", classmethod(lambda cls: unavailable()))
+    result = bench([files["sparse"]], BenchConfig(batches=(4,), iterations=2, turns=1, warmup=1))
+    assert {r["engine"] for r in result["results"]} == {"onnxruntime", "torch"}
+    assert any("DeepSparse is not usable" in n for n in result["notes"])
+
+
+def test_static_batch_that_does_not_fit(files):
+    with pytest.raises(UsageError, match="static batch 4.*--dynamic-batch"):
+        bench([files["sparse"]], BenchConfig(engines=("onnxruntime",), batches=(1,), iterations=1))
+
+
+def test_sweep_relative_latency_and_plot(tmp_path):
+    cfg = BenchConfig(engines=("onnxruntime", "deepsparse"), batches=(2,), iterations=3, turns=1, warmup=1)
+    result = run_sweep(spec_path("examples/mlp.py:mlp"), "parallel", [0.5], tmp_path / "sw", cfg)
+    points = result["sweep"]["points"]
+    assert [p["sparsity"] for p in points] == [0, 0.5]  # the dense point is added
+    assert points[0]["relative"] == {"onnxruntime": 1.0, "deepsparse": 1.0}
+    assert points[1]["deepsparse_speedup_vs_onnxruntime"] > 0
+    assert (tmp_path / "sw" / "parallel50").is_dir()  # the artifact, so torch can rebuild the point
+    mtime = (tmp_path / "sw" / "parallel50.onnx").stat().st_mtime
+    run_sweep(spec_path("examples/mlp.py:mlp"), "parallel", [0.5], tmp_path / "sw", cfg)
+    assert (tmp_path / "sw" / "parallel50.onnx").stat().st_mtime == mtime  # up-to-date points are reused
+    from siftc.bench.plot import plot_sweep
+    png = plot_sweep(result, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_json(files, tmp_path):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", str(files["sparse"]), "--engine", "onnxruntime", "--batch", "4",
+                                    "--iterations", "3", "--turns", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "p50 ms" in res.output
+    data = json.loads(out.read_text())
+    assert ROW_KEYS <= data["results"][0].keys()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["missing.onnx"], "not found"),
+    (["{py}"], "not an ONNX model.*siftc export"),
+    (["{garbage}"], "not an ONNX model"),
+    (["{sparse}", "--engine", "tensorrt"], "unknown engine tensorrt"),
+    (["{sparse}", "--batch", "64"], "batch 64 does not fit"),
+    (["{sparse}", "--time", "1", "--iterations", "2"], "contradict"),
+])
+def test_cli_errors(files, tmp_path, args, match):
+    garbage = tmp_path / "g.onnx"
+    garbage.write_bytes(b"\x00not onnx at all")
+    args = [a.format(py=spec_path("examples/mlp.py"), garbage=garbage, sparse=files["sparse"]) for a in args]
+    res = CliRunner().invoke(main, ["bench", *args, "--iterations" if "--iterations" not in args and "--time" not in args
+                                    else "--turns", "1"])
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("siftc: error:") and "Traceback" not in res.output
+    assert re.search(match, last), res.output
