@@ -136,9 +136,9 @@ def test_keep_dense_patterns_and_no_keep_dense():
     assert default[0]["kind"] == "dense" and default[-1]["kind"] == "dense"
     none = siftc.convert(spec, "parallel", 0.5, keep_dense=()).siftc_info.report["layers"]
     assert none[0]["kind"] == "parallel" and none[-1]["kind"] == "parallel"
-    kept = siftc.convert(spec, "parallel", 0.5, keep_dense=["layer1.*"]).siftc_info.report["layers"]
-    assert all(r["kind"] == "dense" for r in kept if r["name"].startswith("layer1."))
-    assert any(r["kind"] == "parallel" for r in kept if r["name"].startswith("layer2."))
+    kept = siftc.convert(spec, "parallel", 0.5, keep_dense=["stages.0.*"]).siftc_info.report["layers"]
+    assert all(r["kind"] == "dense" for r in kept if r["name"].startswith("stages.0."))
+    assert any(r["kind"] == "parallel" for r in kept if r["name"].startswith("stages.1."))
 
 
 def test_depthwise_convs_are_left_and_listed():

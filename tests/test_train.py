@@ -247,3 +247,23 @@ def test_make_data_writes_offline_data(tmp_path):
         assert 0 <= d["x"].min() and d["x"].max() <= 1
     text = make_data.stdlib_text(tmp_path).read_bytes()
     assert 100_000 < len(text) <= make_data.MAX_TEXT_BYTES and b"def " in text
+
+
+def test_rigl_on_native_runtime_matches_masked_dense(work, tmp_path):
+    """The sparse kernels train like the masked-dense reference, through RigL mask updates."""
+    args = dict(method="rigl", steps=40, batch_size=16, update_every=10, seed=1, threads=1)
+    runs = {}
+    for backend in ("torch", "native"):
+        out = tmp_path / backend
+        summary = train(TrainConfig(str(work / "clf"), str(work / "data.npz"), str(out), backend=backend, **args))
+        assert summary["backend"] == backend and summary["mask_updates"] == 2  # steps 10 and 20 (< 75% of 40)
+        runs[backend] = torch.load(out / "model" / "weights.pt", weights_only=True)
+    initial = torch.load(work / "clf" / "weights.pt", weights_only=True)
+    masks = [k for k in initial if k.endswith(".mask")]
+    assert masks
+    for k in masks:
+        assert torch.equal(runs["native"][k], runs["torch"][k]), k
+        assert runs["native"][k].sum() == initial[k].sum(), k  # non-zero count kept
+    assert any(not torch.equal(runs["native"][k], initial[k]) for k in masks)  # RigL moved them
+    for k, want in runs["torch"].items():
+        torch.testing.assert_close(runs["native"][k], want, rtol=1e-4, atol=1e-5, msg=k)

@@ -1,5 +1,5 @@
-"""`siftc` command line: a thin layer over the library. Commands load lazily, so `siftc --help`
-does not import torch, and an error in one command's imports cannot break the others."""
+"""`siftc` command line: a thin layer over the library. Commands load lazily, so an error in one
+command's imports cannot break the others."""
 import importlib
 import sys
 
