@@ -103,32 +103,54 @@ def test_flops_equal_the_dense_model(point):
     assert point.report["non_weight_flops"]["extra"] >= 0
 
 
-def test_every_tensor_width_is_k_times_its_dense_width(point):
-    # Expected from the dense model alone: its width groups, and round(k x width) for each group that
-    # widens. A dimension made of pieces (after a cat or a split) is the sum of its widened pieces.
-    k = math.sqrt(1 / (1 - point.s))
-    dense = trace(point.dense, point.inputs)
+def wide_width(size: int, s: float, round_to: int) -> int:
+    """The issue's rule, written out: round(k x size), or the nearest multiple of round_to (never below
+    size rounded up to one); sparsity 0 keeps every width."""
+    if s == 0:
+        return size
+    return max(round(math.sqrt(1 / (1 - s)) * size / round_to), math.ceil(size / round_to)) * round_to
+
+
+def check_widths(p: Point, round_to: int = 1):
+    """Every tensor of the wide model has the width the dense model's groups predict: a group that
+    widens goes from w to wide_width(w), a dimension made of pieces (after a cat or a split) is the sum
+    of its pieces. Expected widths come from the dense model alone, never from the wide one."""
+    dense = trace(p.dense, p.inputs)
     a = analyse(dense)
-    new = a.widths(lambda size, divisors, scale: round(k * size))
-    assert all(not g.divisors and g.scale == 1 for g in a.groups)  # no multiple to round to here
+    new = a.widths(lambda size, divisors, scale: wide_width(size, p.s, round_to))
+    assert all(not g.divisors and g.scale == 1 for g in a.groups)  # no other multiple in these models
     width = lambda label: sum(new[g] * m for g, m in label)
     checked = 0
     for node in dense.graph.nodes:
         dims = node.meta.get("siftc.dims")
-        if isinstance(dims, tuple) and node.name in point.shapes:
-            assert point.shapes[node.name] == tuple(width(l) for l in dims), node.name
+        if isinstance(dims, tuple) and node.name in p.shapes:
+            assert p.shapes[node.name] == tuple(width(l) for l in dims), node.name
             checked += 1
     calls = [n for n in dense.graph.nodes if n.op == "call_module"]
-    assert all(n.name in point.shapes for n in calls) and checked >= len(calls)
+    assert all(n.name in p.shapes for n in calls) and checked >= len(calls)
     # The report lists the same groups, with the same widths.
     members = a.members()
-    for g in point.report["groups"]:
+    for g in p.report["groups"]:
         assert (g["members"], g["width"], g["new_width"]) == (members[g["id"]], a.groups[g["id"]].size,
                                                               new[g["id"]])
         assert g["widened"] == (g["new_width"] != g["width"])
         assert not g["fixed"] or g["fixed"].startswith(FIXED_OK), g
-    assert len(point.report["groups"]) == len(members)
-    assert any(g["widened"] for g in point.report["groups"]) == (point.s > 0)
+    assert len(p.report["groups"]) == len(members)
+    assert any(g["widened"] for g in p.report["groups"]) == (p.s > 0)
+
+
+def test_every_tensor_width_is_k_times_its_dense_width(point):
+    check_widths(point)
+
+
+@pytest.mark.parametrize("graph", GRAPHS, ids=lambda g: g.__name__)
+def test_round_to_makes_every_widened_width_a_multiple(graph):
+    torch.manual_seed(0)
+    dense, inputs = graph().eval(), graph.inputs()
+    p = Point(dense, inputs, 0.5, siftc.convert(dense, "wide", 0.5, inputs, round_to=8))
+    check_widths(p, round_to=8)
+    assert all(g["new_width"] % 8 == 0 for g in p.report["groups"] if g["widened"])
+    assert abs(p.report["flop_ratio"] - 1) <= 0.005
 
 
 def test_training_step_keeps_masked_weights_zero(point):
