@@ -19,7 +19,7 @@ from siftc import flops, solve
 from siftc.errors import UsageError
 from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.passes.groups import analyse
-from siftc.passes.width_rules import HEADS
+from siftc.passes.reshape_rules import HEADS
 from siftc.trace import load_model, trace
 
 from conftest import EXAMPLE_SPECS, spec_path

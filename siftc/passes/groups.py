@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch.fx
 
 from siftc.errors import TraceError
+from siftc.passes.width_rules import rule_for
 
 Label = tuple  # ((group id, multiplier), ...) along one tensor dimension
 
@@ -169,13 +170,11 @@ class Analysis:
         return node.meta.get("siftc.dims") if isinstance(node, torch.fx.Node) else None
 
     def run(self):
-        from siftc.passes.width_rules import rule_for
         for node in self.gm.graph.nodes:
             if node.op != "output" and "tensor_meta" not in node.meta:
                 continue  # ints, sizes, devices: no widths
-            rule, arg = rule_for(self.gm, node)
             try:
-                node.meta["siftc.dims"] = rule(self, node, *arg)
+                node.meta["siftc.dims"] = rule_for(self.gm, node)(self, node)
             except TraceError:
                 raise
             except Exception as e:  # a rule met a form it does not know: say where

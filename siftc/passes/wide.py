@@ -26,7 +26,7 @@ from siftc.nn.sparse import SparseConv2d, SparseLinear
 from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
-from siftc.passes.width_rules import _arg, _dim
+from siftc.passes.tensor_rules import node_arg, positive_dim
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -262,7 +262,7 @@ def _rewrite_sizes(gm, a, width):
             args = [s if _keeps(a, s, label, o, n) else n for s, label, o, n in zip(args, labels, old, new)]
             node.args = (node.args[0], tuple(args)) if nested else (node.args[0], *args)
         elif how == "split":
-            d = _dim(_arg(node, 2, "dim", 0), len(node.args[0].meta["siftc.dims"]))
+            d = positive_dim(node_arg(node, 2, "dim", 0), len(node.args[0].meta["siftc.dims"]))
             sizes = [width(dims[d]) for dims in node.meta["siftc.dims"]]
             node.args = (node.args[0], sizes, *node.args[2:])
         else:  # F.layer_norm's normalized_shape
