@@ -30,8 +30,28 @@ def print_report(report: dict):
                   f"{report['extra_flops']:,}; non-zero params {report['nonzero_params']:,} "
                   f"of {report['params']:,} (dense model {report['dense_params']:,})")
     for r in report["layers"]:
-        if r["kind"] == "skipped":
-            console.print(f"skipped {r['name']}: {r['reason']}")
+        if r["kind"] in ("skipped", "dense") and r["reason"]:
+            console.print(f"{r['kind']} {r['name']}: {r['reason']}")
+    if "groups" in report:
+        _print_groups(console, report)
+
+
+def _print_groups(console, report: dict):
+    """wide: every width group (members, dense and new width, why it kept its width) and the non-weight
+    FLOPs a wider stream adds beside the weight FLOPs."""
+    from rich.table import Table
+
+    table = Table(title="width groups", title_justify="left")
+    for col in ("group", "width", "new width", "members", "left fixed because"):
+        table.add_column(col, justify="right" if "width" in col else "left")
+    for g in report["groups"]:
+        more = f" (+{len(g['members']) - 4} more)" if len(g["members"]) > 4 else ""
+        table.add_row(str(g["id"]), str(g["width"]), str(g["new_width"]), ", ".join(g["members"][:4]) + more,
+                      g["fixed"] or "")
+    console.print(table)
+    nw = report["non_weight_flops"]
+    console.print(f"non-weight FLOPs ({nw['counted']}): {nw['dense']:,} dense, {nw['wide']:,} wide "
+                  f"(+{nw['extra']:,}), beside the weight FLOPs above")
 
 
 @click.command("inspect")

@@ -215,14 +215,19 @@ class Analysis:
         return "" if grp.sourced else "no weight layer produces it"
 
     def members(self) -> dict[int, list[str]]:
-        """Root group -> the module sides and parameters whose size it sets."""
+        """Root group -> the module sides and parameters whose size it sets, as `name:side`; a side
+        made of pieces names the dense slice each group holds (`c_attn:out[128:256]`, the k of q, k, v),
+        and a side that is several times the group's width says so (`fc1:in (16x)`, after a flatten)."""
         out: dict[int, list[str]] = {}
         for name, sides in self.uses.items():
             for side, label in sides.items():
-                part = "" if len(label) == 1 else f" (1 of {len(label)} pieces)"
-                for g, _ in label:
+                start = 0
+                for g, m in label:
+                    end = start + self.groups[g].size * m
                     if not self.groups[g].structural:
-                        out.setdefault(g, []).append(f"{name}:{side}{part}")
+                        where = f"[{start}:{end}]" if len(label) > 1 else ""
+                        out.setdefault(g, []).append(f"{name}:{side}{where}" + (f" ({m}x)" if m != 1 else ""))
+                    start = end
         return out
 
 
