@@ -92,3 +92,13 @@ def test_wide_width_rounding_reproduces_the_papers_gpt3_small():
     assert [solve.wide_width(w, 0.75, 12) for w in (768, 3072)] == [1536, 6144]
     assert solve.wide_width(37, 0.0, 8) == 37          # s = 0 keeps every width
     assert solve.wide_width(3, 0.1, 8) == 8            # never below the dense width
+
+
+def test_members_name_the_slice_of_a_pieced_side_and_the_flatten_factor():
+    _, a = _groups(CatBranches())
+    members = a.members()
+    (ga, _), (gb, _) = a.uses["mix"]["in"]
+    assert members[ga] == ["a:out", "bn:c[0:6]", "mix:in[0:6]"]
+    assert members[gb] == ["b:out", "bn:c[6:16]", "mix:in[6:16]"]
+    _, a = _groups(FlattenLinear())
+    assert a.members()[a.uses["conv2"]["out"][0][0]] == ["conv2:out", "fc1:in (16x)"]
