@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace siftc {
@@ -83,8 +84,7 @@ static std::vector<Tile> make_tiles(const Geometry& g, int lanes) {
 // ---- spmm: out[r, tile] (+)= sum over row r's entries in one panel ---------------------------------------
 template <typename T, int NV, int NT>
 static void spmm_tile(const T* __restrict in, T* __restrict out, const Geometry& g, const int32_t* __restrict code,
-                      const int32_t* __restrict widx, const T* __restrict w, int64_t lo, int64_t hi, bool first,
-                      T init) {
+                      const T* __restrict vals, int64_t lo, int64_t hi, bool first, T init) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V acc[NT][NV];
@@ -101,7 +101,7 @@ static void spmm_tile(const T* __restrict in, T* __restrict out, const Geometry&
   for (int64_t n = lo; n < hi; ++n) {
     const int32_t c = code[n];
     const T* src = in + (int64_t)(c >> kCodeShift) * g.group + g.koff[c & ((1 << kCodeShift) - 1)];
-    const T val = w[widx[n]];
+    const T val = vals[n];
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < NV; ++v) acc[t][v] += val * *(const V*)(src + t * in_w + v * L);
   }
@@ -110,8 +110,7 @@ static void spmm_tile(const T* __restrict in, T* __restrict out, const Geometry&
 }
 
 template <typename T>
-using SpmmFn = void (*)(const T*, T*, const Geometry&, const int32_t*, const int32_t*, const T*, int64_t, int64_t,
-                        bool, T);
+using SpmmFn = void (*)(const T*, T*, const Geometry&, const int32_t*, const T*, int64_t, int64_t, bool, T);
 
 template <typename T>
 static SpmmFn<T> spmm_fn(int nv, int nt) {
@@ -129,6 +128,22 @@ static SpmmFn<T> spmm_fn(int nv, int nt) {
   TORCH_CHECK(false, "siftc: no spmm tile for nv=", nv, " nt=", nt);
 }
 
+// The non-zero values in index order, read row by row: within a row the panels' entries ascend through
+// the weight, so the dense weight streams in address order. Read inside the FMA loop (panel by panel,
+// jumping a row's length between rows) each value was a dependent cache miss, half the loop's time.
+template <typename T>
+static std::unique_ptr<T[]> gather_values(const T* w, const int64_t* ptr, const int32_t* widx, int64_t rows,
+                                          int64_t npanels) {
+  std::unique_ptr<T[]> vals(new T[std::max<int64_t>(ptr[npanels * rows], 1)]);
+  T* v = vals.get();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t p = 0; p < npanels; ++p)
+        for (int64_t n = ptr[p * rows + r]; n < ptr[p * rows + r + 1]; ++n) v[n] = w[widx[n]];
+  });
+  return vals;
+}
+
 static inline int64_t row_grain(int64_t rows) {
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   return std::max<int64_t>(1, (rows + nt - 1) / nt);
@@ -141,7 +156,7 @@ static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t
   const int64_t npanels = (ptr_t.numel() - 1) / R;
   const int64_t* ptr = ptr_t.data_ptr<int64_t>();
   const int32_t* code = code_t.data_ptr<int32_t>();
-  const int32_t* widx = widx_t.data_ptr<int32_t>();
+  const auto vals = gather_values<T>(w, ptr, widx_t.data_ptr<int32_t>(), R, npanels);
   const auto tiles = make_tiles(g, Vec<T>::lanes);
   std::vector<SpmmFn<T>> fns;
   for (const auto& t : tiles) fns.push_back(spmm_fn<T>(t.nv, t.nt));
@@ -151,18 +166,18 @@ static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
           if (p > 0 && lo == hi) continue;
-          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, widx, w, lo, hi, p == 0,
+          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals.get(), lo, hi, p == 0,
                  bias ? bias[r] : T(0));
         }
   });
 }
 
 // ---- sddmm: dW at row r's entries += dot(A[r, tile], X[entry, tile]) -------------------------------------
-// MODE 0: the only tile (write dW directly); 1: first of several (write scratch); 2: later (add to scratch).
+// MODE 0: the only tile (write the value); 1: first of several (write scratch); 2: later (add to scratch).
 template <typename T, int NV, int NT, int MODE>
 static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geometry& g,
-                       const int32_t* __restrict code, const int32_t* __restrict widx, T* __restrict dw, int64_t lo,
-                       int64_t hi, typename Vec<T>::type* __restrict scratch) {
+                       const int32_t* __restrict code, T* __restrict vals, int64_t lo, int64_t hi,
+                       typename Vec<T>::type* __restrict scratch) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V av[NT][NV];
@@ -176,14 +191,14 @@ static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geome
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < NV; ++v) part[(t * NV + v) & 3] += av[t][v] * *(const V*)(src + t * in_w + v * L);
     const V s = (part[0] + part[1]) + (part[2] + part[3]);
-    if (MODE == 0) dw[widx[n]] = hsum<T>(s);
+    if (MODE == 0) vals[n] = hsum<T>(s);
     else if (MODE == 1) scratch[n - lo] = s;
     else scratch[n - lo] += s;
   }
 }
 
 template <typename T>
-using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, const int32_t*, T*, int64_t, int64_t,
+using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, T*, int64_t, int64_t,
                          typename Vec<T>::type*);
 
 template <typename T, int MODE>
@@ -202,16 +217,21 @@ static SddmmFn<T> sddmm_fn(int nv, int nt) {
   TORCH_CHECK(false, "siftc: no sddmm tile for nv=", nv, " nt=", nt);
 }
 
-// g describes A (as "out") and X (as "in"); dw is the dense weight gradient, written only at entries.
+// g describes A (as "out") and X (as "in"); dw is the dense weight gradient, every element written: the
+// entries' values go to an index-ordered array first (sequential stores), then dW is written row by row,
+// each row zeroed and its values stored while it is in cache, so the big buffer is streamed once instead
+// of zeroed and then hit by scattered stores that each re-read a line from memory.
 template <typename T>
 static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
-                  const at::Tensor& widx_t, T* dw) {
+                  const at::Tensor& widx_t, T* dw, int64_t row_len) {
   using V = typename Vec<T>::type;
   const int64_t R = g.rows;
   const int64_t npanels = (ptr_t.numel() - 1) / R;
   const int64_t* ptr = ptr_t.data_ptr<int64_t>();
   const int32_t* code = code_t.data_ptr<int32_t>();
   const int32_t* widx = widx_t.data_ptr<int32_t>();
+  std::unique_ptr<T[]> vals_buf(new T[std::max<int64_t>(code_t.numel(), 1)]);
+  T* vals = vals_buf.get();
   const auto tiles = make_tiles(g, Vec<T>::lanes);
   const bool single = tiles.size() == 1;
   std::vector<SddmmFn<T>> first, later;
@@ -230,11 +250,18 @@ static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& p
           const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
           if (lo == hi) continue;
           const auto fn = i == 0 ? first[i] : later[i];
-          fn(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, widx, dw, lo, hi,
+          fn(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, vals, lo, hi,
              single ? nullptr : scratch.data() + (lo - base));
         }
       if (!single)
-        for (int64_t n = base; n < end; ++n) dw[widx[n]] = hsum<T>(scratch[n - base]);
+        for (int64_t n = base; n < end; ++n) vals[n] = hsum<T>(scratch[n - base]);
+    }
+  });
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(dw + r * row_len, dw + (r + 1) * row_len, T(0));  // a row is small: the stores below hit cache
+      for (int64_t p = 0; p < npanels; ++p)
+        for (int64_t n = ptr[p * R + r]; n < ptr[p * R + r + 1]; ++n) dw[widx[n]] = vals[n];
     }
   });
 }
@@ -387,8 +414,8 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
       for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = (i * s.dh * s.Wp + j * s.dw) * s.Bp;
     Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, s.Wo * s.Bp, s.Bp,
                s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
-    dw = at::zeros(weight.sizes(), x.options());
-    sddmm<T>(a.const_data_ptr<T>(), xp.const_data_ptr<T>(), g, ptr, code, widx, dw.data_ptr<T>());
+    dw = at::empty(weight.sizes(), x.options());
+    sddmm<T>(a.const_data_ptr<T>(), xp.const_data_ptr<T>(), g, ptr, code, widx, dw.data_ptr<T>(), s.C * s.KH * s.KW);
   }
   if (need_input) {
     // dY zero-dilated by the stride and padded by Q = (K-1)*dilation, as (O, Hq, Wq, Bp)
