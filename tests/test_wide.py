@@ -7,7 +7,7 @@ shipped 32x32 and 224x224 inputs cost 4x and 12x more per forward and check noth
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -55,8 +55,8 @@ class Point:
     inputs: tuple
     s: float
     gm: torch.fx.GraphModule
-    output: torch.Tensor = None
-    shapes: dict = None
+    output: torch.Tensor = field(init=False)
+    shapes: dict = field(init=False)
 
     def __post_init__(self):
         self.gm.eval()
