@@ -109,6 +109,14 @@ def test_conv_large_batch_uses_several_vector_chunks():
     assert_parity(layer, torch.randn(300, 3, 5, 4))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_full_transpose_tiles(layout):
+    # width and batch of at least 16 take the vector-register transposes when packing and unpacking
+    layer = SparseConv2d(5, 6, 3, stride=(1, 2), padding=1, nnz=90)
+    x = torch.randn(35, 5, 4, 37)
+    assert_parity(layer, x.to(memory_format=torch.channels_last) if layout == "channels_last" else x)
+
+
 def test_grouped_conv_falls_back_to_masked_dense():
     # SparseProp gives NaNs on grouped convolutions; siftc's kernels take groups=1 and hand the rest to
     # the masked-dense path, so a grouped layer is still exact.
