@@ -11,9 +11,10 @@
 //
 // The index (built from the mask by build_index, O(numel) scan, O(nnz) fill) is a CSR split into column
 // panels so the slice of the input one panel touches stays in L2: entries sorted by (panel, row, column);
-// ptr[p*R + r] .. ptr[p*R + r + 1] are row r's entries in panel p. An entry stores
-// code = group << 8 | kernel_position (group = input channel for the forward index, output channel for
-// the transposed one) and widx = its flat position in the dense weight, read at call time, so optimizer
+// ptr[p*R + r] .. ptr[p*R + r + 1] are row r's entries in panel p, and panel p holds groups
+// [p*P, (p+1)*P) with P = ceil(groups / panels). An entry stores code = group << 8 | kernel_position
+// (group = input channel for the forward index, output channel for the transposed one) and widx = its
+// flat position in the dense weight. Values are gathered from the dense weight at call time, so optimizer
 // updates need no index rebuild. Weights inside the mask that are exactly zero stay in the index.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -155,12 +156,11 @@ static inline int64_t row_grain(int64_t rows) {
 
 template <typename T>
 static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
-                 const at::Tensor& widx_t, const T* w, const T* bias) {
+                 const T* vals, const T* bias) {
   const int64_t R = g.rows;
   const int64_t npanels = (ptr_t.numel() - 1) / R;
   const int64_t* ptr = ptr_t.data_ptr<int64_t>();
   const int32_t* code = code_t.data_ptr<int32_t>();
-  const auto vals = gather_values<T>(w, ptr, widx_t.data_ptr<int32_t>(), R, npanels);
   const auto tiles = make_tiles(g, Vec<T>::lanes);
   std::vector<SpmmFn<T>> fns;
   for (const auto& t : tiles) fns.push_back(spmm_fn<T>(t.nv, t.nt));
@@ -170,7 +170,7 @@ static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
           if (p > 0 && lo == hi) continue;
-          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals.get(), lo, hi, p == 0,
+          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals, lo, hi, p == 0,
                  bias ? bias[r] : T(0));
         }
   });
@@ -420,8 +420,10 @@ static at::Tensor conv_forward_impl(const at::Tensor& x, const at::Tensor& weigh
   Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, s.Wo * s.Bp, s.Bp,
              s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  spmm<T>(xp.const_data_ptr<T>(), y.data_ptr<T>(), g, ptr, code, widx, weight.const_data_ptr<T>(),
-          b.defined() ? b.const_data_ptr<T>() : nullptr);
+  const int64_t npanels = (ptr.numel() - 1) / s.O;
+  const auto vals = gather_values<T>(weight.const_data_ptr<T>(), ptr.data_ptr<int64_t>(), widx.data_ptr<int32_t>(),
+                                     s.O, npanels);
+  spmm<T>(xp.const_data_ptr<T>(), y.data_ptr<T>(), g, ptr, code, vals.get(), b.defined() ? b.const_data_ptr<T>() : nullptr);
   return unpack<T>(y, s.B, s.Ho, s.Wo, 0, 0, x);
 }
 
@@ -481,7 +483,9 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
       for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = ((qh - i * s.dh) * Wq + (qw - j * s.dw)) * s.Bp;
     Geometry g{s.C, Hx, Wx, s.Bp / Vec<T>::lanes, Wq * s.Bp, s.Bp, Wx * s.Bp, s.Bp, Hx * Wx * s.Bp,
                Hq * Wq * s.Bp, koff.data()};
-    spmm<T>(q.const_data_ptr<T>(), gx.data_ptr<T>(), g, tptr, tcode, twidx, weight.const_data_ptr<T>(), nullptr);
+    const auto vals = gather_values<T>(weight.const_data_ptr<T>(), tptr.data_ptr<int64_t>(), twidx.data_ptr<int32_t>(),
+                                       s.C, (tptr.numel() - 1) / s.C);
+    spmm<T>(q.const_data_ptr<T>(), gx.data_ptr<T>(), g, tptr, tcode, vals.get(), nullptr);
     dx = unpack<T>(gx, s.B, s.H, s.W, s.ph, s.pw, x);
   }
   return {dx, dw};
@@ -544,6 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_index(const at::Tensor& mas
   TORCH_CHECK((transpose ? O : C) < (int64_t(1) << (31 - kCodeShift)), "siftc: too many channels for the index");
   const int64_t R = transpose ? C : O, G = transpose ? O : C;
   const int64_t np = (G + panel - 1) / panel;
+  if (np > 0) panel = (G + np - 1) / np;  // balanced: the same panel count, no small last panel
   const bool* m = mask.const_data_ptr<bool>();
   at::Tensor ptr_t = at::zeros({np * R + 1}, at::kLong);
   int64_t* ptr = ptr_t.data_ptr<int64_t>();
