@@ -10,9 +10,11 @@ Inputs the kernels do not take (not on CPU, not float32/float64, autocast, group
 padding modes) run on the masked-dense reference instead, so a model never fails because of its backend.
 
 Costs that stay dense because the layer's contract is a dense `weight` Parameter: the weight gradient is
-a dense tensor (zeros plus the non-zeros), and the kernels read non-zero values out of the dense weight.
-For wide layers these are O(numel) memory passes; setting THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge-page
-allocation) makes the fresh gradient buffer several times cheaper to fault in.
+a dense tensor (zeros plus the non-zeros, written row by row), and each pass gathers the non-zero values
+out of the dense weight. For wide layers these are O(numel) memory passes. A fresh weight-sized gradient
+buffer is also page-faulted in on every backward: THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge-page allocation)
+makes that several times cheaper, and letting glibc keep freed memory (MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ set high, or mallopt) removes it; benchmarks/runtime.py does both, for all columns.
 """
 import math
 import weakref
