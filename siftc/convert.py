@@ -30,14 +30,14 @@ def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
                    source: Source | None = None) -> torch.fx.GraphModule:
     """Convert a copy of `model` (the user's model is left untouched)."""
     model = copy.deepcopy(model)
-    dense = flops.count(model, example_inputs)
+    with flops.counting(model) as dense:  # the dense count rides on trace's shape propagation
+        gm = trace(model, example_inputs)  # which says plainly when the inputs do not fit the model
     dense_params = sum(p.numel() for p in model.parameters())
-    gm = trace(model, example_inputs)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
         gm, records, *extra = KINDS[cfg.kind](gm, cfg, generator)
-    report = build_report(gm, example_inputs, cfg, records, dense, dense_params)
+    report = build_report(gm, cfg, records, dense, dense_params)
     report.update(extra[0] if extra else {})  # a pass's own report entries (wide: "groups")
     ratio = report["flop_ratio"]
     if abs(ratio - 1) > FLOP_TOLERANCE:
@@ -47,11 +47,11 @@ def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
     return gm
 
 
-def build_report(gm, example_inputs, cfg: ConvertConfig, records, dense: flops.FlopCount,
+def build_report(gm, cfg: ConvertConfig, records, dense: flops.FlopCount,
                  dense_params: int) -> dict:
-    """Per-layer and total FLOPs, all from `siftc.flops.count`."""
+    """Per-layer and total FLOPs, all from `siftc.flops` (the converted model at the dense positions)."""
     names = [r.name for r in records]
-    fc = flops.count(gm, example_inputs, extra_under=tuple(names))
+    fc = flops.count_transformed(gm, dense, extra_under=tuple(names))
     for r in records:
         prefix = r.name + "."
         r.flops = sum(v for k, v in fc.layers.items() if k == r.name or k.startswith(prefix))
@@ -73,5 +73,5 @@ def build_report(gm, example_inputs, cfg: ConvertConfig, records, dense: flops.F
 
 
 def _nonzero_params(model: nn.Module) -> int:
-    masked = {id(m.weight): int(m.mask.sum()) for m in model.modules() if hasattr(m, "mask")}
+    masked = {id(m.weight): int(m.mask.count_nonzero()) for m in model.modules() if hasattr(m, "mask")}
     return sum(masked.get(id(p), p.numel()) for p in model.parameters())

@@ -169,3 +169,37 @@ def test_extra_branch_norm_flops_are_reported_apart():
     gm = siftc.convert(spec_path("examples/resnet.py:resnet18_cifar"), "parallel", 0.75)
     report = gm.siftc_info.report
     assert report["extra_flops"] > 0 and report["flop_ratio"] == pytest.approx(1, abs=0.005)
+
+
+class _TwiceConv(nn.Module):
+    """Convs with BatchNorm, a strided conv, and one conv called twice (its positions add up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, bias=False)
+        self.again = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.down(torch.relu(self.bn(self.stem(x))))
+        x = self.again(torch.relu(self.again(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", KINDS + ["wide"])
+def test_report_flops_are_the_one_count(kind):
+    """The report counts the converted model without running it (at the dense layers' positions):
+    per layer, in total, and the branch norms' extra FLOPs, it must equal a forward's count."""
+    x = (torch.randn(2, 3, 12, 12),)
+    gm = siftc.convert(_TwiceConv(), kind, 0.75, x, keep_dense=())
+    report = gm.siftc_info.report
+    names = tuple(r["name"] for r in report["layers"])
+    forward = flops.count(gm, x, extra_under=names)
+    assert report["flops"] == forward.total and report["extra_flops"] == forward.extra_total
+    assert report["dense_flops"] == flops.count(_TwiceConv(), x).total
+    for r in report["layers"]:
+        inside = [k for k in forward.layers if k == r["name"] or k.startswith(r["name"] + ".")]
+        assert r["flops"] == sum(forward.layers[k] for k in inside)
+    assert (report["extra_flops"] > 0) == (kind in ("parallel", "factorized"))  # their branch norms
