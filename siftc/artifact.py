@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from siftc.config import ConvertConfig
-from siftc.errors import ArtifactError, UsageError
+from siftc.errors import ArtifactError, SiftcError, UsageError
 
 FORMAT = "siftc-artifact"
 VERSION = 1
@@ -98,8 +98,12 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
         raise ArtifactError(f"{path} has artifact version {meta.get('version')}, this siftc reads "
                             f"{VERSION}; convert the model again with this siftc")
     for key in ("config", "report", "sha256"):
-        if key not in meta:
+        if not isinstance(meta.get(key), dict):
             raise ArtifactError(f"{path / 'siftc.json'} lacks {key!r}: truncated or corrupt; convert again")
+    _check_report(path, meta["report"])
+    if set(meta["sha256"]) != set(FILES[1:]) or not all(isinstance(d, str) for d in meta["sha256"].values()):
+        raise ArtifactError(f"{path / 'siftc.json'} has no checksums of {', '.join(FILES[1:])}: "
+                            f"corrupt; convert the model again")
     if verify:
         for name, digest in meta["sha256"].items():
             f = path / name
@@ -111,6 +115,25 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
     return meta
 
 
+REPORT_KEYS = ("kind", "sparsity", "dense_flops", "flops", "flop_ratio", "extra_flops", "params",
+               "nonzero_params", "dense_params", "layers")
+LAYER_KEYS = ("name", "kind", "dense_shape", "new_shape", "density", "dense_flops", "flops", "search_space",
+              "reason")
+
+
+def _check_report(path: Path, report: dict):
+    """The keys `siftc inspect` prints (and --json promises) are there."""
+    missing = [k for k in REPORT_KEYS if k not in report]
+    layers = report.get("layers")
+    if not missing and (not isinstance(layers, list) or not all(isinstance(r, dict) for r in layers)):
+        missing = ["layers"]
+    if not missing:
+        missing = [f"layers[{i}].{k}" for i, r in enumerate(layers) for k in LAYER_KEYS if k not in r][:1]
+    if missing:
+        raise ArtifactError(f"{path / 'siftc.json'} has a report without {missing[0]!r}: corrupt or "
+                            f"from another tool; convert the model again")
+
+
 def load(path: str | os.PathLike, model=None):
     """Rebuild a converted model from an artifact directory.
 
@@ -118,27 +141,25 @@ def load(path: str | os.PathLike, model=None):
     instance of the same dense model. Returns the GraphModule, with `siftc_info` set.
     """
     from siftc.convert import convert_module
-    from siftc.trace import Source, load_model
+    from siftc.trace import Source
 
     path = Path(path)
     meta = read_meta(path)
+    state, inputs = _tensors(path)
     try:
-        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
-        inputs = tuple(torch.load(path / "inputs.pt", map_location="cpu", weights_only=True))
-    except Exception as e:
-        raise ArtifactError(f"cannot read tensors of {path}: {str(e).splitlines()[0]}; convert again") from e
-    cfg = ConvertConfig.from_json(meta["config"])
+        cfg = ConvertConfig.from_json(meta["config"])
+        source = Source(**meta["source"]) if meta.get("source") else None
+    except (TypeError, SiftcError) as e:
+        raise ArtifactError(f"{path / 'siftc.json'} has a corrupt config or source ({e}); "
+                            f"convert the model again") from e
     warnings = []
-    src = meta.get("source")
     if model is None:
-        if not src:
+        if source is None:
             raise ArtifactError(f"{path} was converted from an in-memory model; pass model=<a fresh "
                                 f"instance of the dense model> to siftc.load")
-        loaded = load_model(src["spec"])
-        model = loaded.model
-        if src.get("sha256") and loaded.source.sha256 != src["sha256"]:
-            warnings.append(f"{src['path']} changed since conversion; the structure still has to match")
-    source = Source(**src) if src else None
+        model, changed = _rebuild_dense(path, source)
+        if changed:
+            warnings.append(f"{source.path} changed since conversion; the structure still has to match")
     gm = convert_module(model, inputs, cfg, source)
     try:
         gm.load_state_dict(state, strict=True)
@@ -149,3 +170,32 @@ def load(path: str | os.PathLike, model=None):
     gm.siftc_info.warnings.extend(warnings)
     gm.siftc_info.report = meta["report"]
     return gm
+
+
+def _tensors(path: Path) -> tuple[dict, tuple]:
+    """weights.pt and inputs.pt, unpickled with weights_only=True: tensors and containers, never code."""
+    try:
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+        inputs = torch.load(path / "inputs.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"cannot read tensors of {path}: {str(e).splitlines()[0]}; convert again") from e
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()) or \
+            not isinstance(inputs, list) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ArtifactError(f"{path} holds something other than tensors in weights.pt or inputs.pt; "
+                            f"convert the model again")
+    return state, tuple(inputs)
+
+
+def _rebuild_dense(path: Path, source):
+    """A fresh dense model from the file the artifact names (by its absolute path, so any working
+    directory will do), and whether that file changed since conversion."""
+    from siftc.trace import load_model
+
+    factory = source.spec.rpartition(":")[2]
+    spec = f"{source.path}:{factory}" if source.path else source.spec
+    try:
+        loaded = load_model(spec, inputs=False)  # the inputs come from inputs.pt
+    except SiftcError as e:
+        raise ArtifactError(f"{path} was converted from {spec}, which cannot be loaded now ({e}); "
+                            f"restore that file or convert again") from e
+    return loaded.model, bool(source.sha256) and loaded.source.sha256 != source.sha256

@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from siftc.errors import ModelLoadError, TraceError, UsageError
 
+_TORCH = Path(torch.__file__).resolve().parent  # frames in here (or siftc) are not the user's line
+_SIFTC = Path(__file__).resolve().parent
 FACTORY_NAMES = ("build", "model", "make_model", "create_model", "get_model")
 
 
@@ -102,8 +105,9 @@ def _candidates(module) -> list[str]:
     return funcs
 
 
-def load_model(spec: str, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
-    """Load `spec` ("model.py[:factory]" or "pkg.module:factory") into a model and example inputs."""
+def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bool = True) -> LoadedModel:
+    """Load `spec` ("model.py[:factory]" or "pkg.module:factory") into a model and example inputs
+    (none with inputs=False: an artifact brings its own)."""
     target, _, name = spec.partition(":") if not spec.startswith(":") else (spec, "", "")
     module, path = _import(target)
     if not name:
@@ -130,9 +134,9 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None) -> LoadedM
                              f"name a function returning an nn.Module")
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"factory {target}:{name} returned a {type(model).__name__}, not an nn.Module")
-    inputs = _example_inputs(module, name, target, input_shape)
+    example = _example_inputs(module, name, target, input_shape) if inputs else ()
     sha = hashlib.sha256(path.read_bytes()).hexdigest() if path else None
-    return LoadedModel(model, inputs, Source(f"{target}:{name}", str(path) if path else None, sha))
+    return LoadedModel(model, example, Source(f"{target}:{name}", str(path) if path else None, sha))
 
 
 def _example_inputs(module, factory: str, target: str, input_shape) -> tuple:
@@ -183,12 +187,48 @@ def trace(model: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
 
 
 def _trace_hint(e: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if "torch/fx" not in f.filename and "siftc" not in f.filename]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if _users(f.filename)]
     where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return (f"{msg}{where}; fx needs code without data-dependent Python control flow: use tensor ops "
             f"(torch.where), or wrap the function with torch.fx.wrap / make the module a leaf")
+
+
+def _users(filename: str) -> bool:
+    """A frame of the user's code: not torch's, not siftc's, not generated ("<eval_with_key>")."""
+    path = Path(filename).resolve()
+    return not filename.startswith("<") and not path.is_relative_to(_TORCH) and not path.is_relative_to(_SIFTC)
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node: torch.fx.Node, error: Exception):
+        super().__init__(node.name)
+        self.node, self.error = node, error
+
+
+class ShapeRecorder(torch.fx.Interpreter):
+    """torch.fx's ShapeProp (every node gets `tensor_meta` and `type`), except that a failing node is
+    raised as itself instead of printing a traceback to stderr: the CLI owes the user one line."""
+
+    def run_node(self, n: torch.fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise _NodeFailed(n, e) from e
+        found = False
+
+        def record(obj):
+            nonlocal found
+            if not isinstance(obj, torch.Tensor):
+                return obj
+            found = True
+            return _extract_tensor_metadata(obj)
+
+        meta = map_aggregate(result, record)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple):
@@ -200,11 +240,19 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple):
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as e:
+            ShapeRecorder(gm).run(*example_inputs)
+    except _NodeFailed as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"example input of shape {shapes} does not fit the model: {msg}; "
-                         f"pass --input-shape matching the model's input") from e
+        msg = str(e.error).splitlines()[0] if str(e.error) else type(e.error).__name__
+        raise UsageError(f"example input of shape {shapes} does not fit the model at {_describe(gm, e.node)}: "
+                         f"{msg}; pass --input-shape matching the model's input") from e.error
     finally:
         gm.train(was_training)
+
+
+def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """'net.0 (Linear)', 'node add_1 (add)': where a forward failed."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"node {node.name} ({name})"

@@ -2,10 +2,14 @@
 command's imports cannot break the others."""
 import importlib
 import sys
+from contextlib import contextmanager
 
 import click
 
 from siftc.errors import SiftcError
+
+# `siftc` alone prints the help (click raises it as a usage error since 8.2)
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 # name -> "module:function". The CLI's command list comes from here.
 COMMANDS = {
@@ -27,14 +31,30 @@ class _LazyGroup(click.Group):
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def parse_args(self, ctx, args):
+        with _one_line_errors(ctx):
+            return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
-        try:
+        with _one_line_errors(ctx):
             return super().invoke(ctx)
-        except SiftcError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"siftc: error: {e}", err=True)
-            ctx.exit(2)
+
+
+@contextmanager
+def _one_line_errors(ctx):
+    """A SiftcError, or a bad flag click catches (its usage block would be several lines), becomes
+    `siftc: error: <one line>` and exit code 2; --debug shows them as raised."""
+    try:
+        yield
+    except (SiftcError, click.UsageError) as e:
+        if (ctx.obj or {}).get("debug") or isinstance(e, _NoArgsIsHelp):
+            raise
+        message = " ".join(str(e if isinstance(e, SiftcError) else e.format_message()).split())
+        if isinstance(e, click.UsageError):
+            command = e.ctx.command_path if e.ctx else "siftc"
+            message = f"{message.rstrip('.')}; see '{command} --help'"
+        click.echo(f"siftc: error: {message}", err=True)
+        ctx.exit(2)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +65,7 @@ def main(ctx, debug):
     """siftc: Sparse Iso-FLOP Transformations for PyTorch models.
 
     \b
-    siftc convert examples/resnet18_cifar.py --kind parallel --sparsity 0.9 -o rn18-par90/
+    siftc convert examples/resnet.py:resnet18_cifar --kind parallel --sparsity 0.9 -o rn18-par90/
     siftc inspect rn18-par90/
     """
     ctx.ensure_object(dict)

@@ -1,0 +1,118 @@
+"""siftc.save / siftc.load: a round trip gives the same model; a fresh process, from any working
+directory, rebuilds it with the same outputs and gradients for every weight; and loading never
+unpickles code (torch.load(weights_only=True) plus JSON)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import siftc
+from siftc.artifact import _sha256
+from siftc.errors import ArtifactError
+from siftc.nn.sparse import SPARSE_LAYERS
+
+from conftest import ROOT, spec_path
+
+MLP = spec_path("examples/mlp.py:mlp")
+KINDS = ["wide", "parallel", "factorized", "doped"]
+
+
+def test_round_trip(tmp_path):
+    gm = siftc.convert(MLP, "factorized", 0.75, seed=5)
+    siftc.save(gm, tmp_path / "art")
+    again = siftc.load(tmp_path / "art")
+    assert again.siftc_info.report == gm.siftc_info.report
+    assert again.siftc_info.config == gm.siftc_info.config
+    mine, theirs = gm.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), gm.eval()(x), rtol=0, atol=0)
+
+
+def test_a_model_file_without_example_inputs(tmp_path):
+    """Converted with --input-shape: the file has no example_inputs(), the artifact brings its own."""
+    (tmp_path / "tiny.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                      "nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))\n")
+    gm = siftc.convert(str(tmp_path / "tiny.py"), "parallel", 0.5, input_shape=(2, 8))
+    siftc.save(gm, tmp_path / "art")
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(siftc.load(tmp_path / "art").eval()(x), gm.eval()(x))
+
+
+FRESH = """
+import sys, torch, siftc
+from siftc.nn.sparse import SPARSE_LAYERS
+x, expected = torch.load("io.pt")
+for kind in sys.argv[1:]:
+    gm = siftc.load(kind)
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), expected[kind], rtol=0, atol=0)
+    gm.train()
+    gm(x).logsumexp(1).mean().backward()
+    for name, p in gm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, (kind, name)
+    for m in gm.modules():
+        if isinstance(m, SPARSE_LAYERS):
+            assert not m.weight.grad[~m.mask].any(), kind
+print("ok")
+"""
+
+
+def test_fresh_process_same_outputs_and_every_weight_learns(tmp_path, monkeypatch):
+    """Converted from the repository with a relative path; loaded elsewhere, in a new interpreter."""
+    monkeypatch.chdir(ROOT)
+    x = torch.randn(3, 64)
+    expected = {}
+    for kind in KINDS:
+        gm = siftc.convert("examples/mlp.py:mlp", kind, 0.75, seed=1)
+        siftc.save(gm, tmp_path / kind)
+        with torch.no_grad():
+            expected[kind] = gm.eval()(x)
+    torch.save((x, expected), tmp_path / "io.pt")
+    run = subprocess.run([sys.executable, "-c", FRESH, *KINDS], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+class Payload:
+    """Unpickled with weights_only=False, this would run os.mkdir(marker): stands in for any code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("target", ["weights.pt", "inputs.pt"])
+def test_pickled_code_is_refused(tmp_path, target):
+    gm = siftc.convert(MLP, "doped", 0.5)
+    art = siftc.save(gm, tmp_path / "art")
+    marker = tmp_path / "code-ran"
+    bad = {"payload": Payload(marker)} if target == "weights.pt" else [Payload(marker)]
+    torch.save(bad, art / target)
+    meta = json.loads((art / "siftc.json").read_text())
+    meta["sha256"][target] = _sha256(art / target)  # a consistent artifact: only the pickle guard is left
+    (art / "siftc.json").write_text(json.dumps(meta))
+
+    with pytest.raises(ArtifactError, match=rf"cannot read tensors of .*art.*convert again"):
+        siftc.load(art)
+    assert not marker.exists()
+    torch.load(art / target, weights_only=False)  # the payload is live: this is what was refused
+    assert marker.exists()
+
+
+def test_masks_survive_the_round_trip(tmp_path):
+    """Masks are state, not re-drawn: a mask changed after conversion (as SET/RigL do) comes back."""
+    gm = siftc.convert(MLP, "parallel", 0.75)
+    layer = next(m for m in gm.modules() if isinstance(m, SPARSE_LAYERS))
+    layer.set_mask(torch.roll(layer.mask, 1, dims=1))
+    siftc.save(gm, tmp_path / "art")
+    again = next(m for m in siftc.load(tmp_path / "art").modules() if isinstance(m, SPARSE_LAYERS))
+    assert torch.equal(again.mask, layer.mask) and torch.equal(again.weight, layer.weight)
