@@ -2,6 +2,9 @@
 interleave engines, a missing engine as a note, the sweep and its picture, and the CLI's errors."""
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +15,14 @@ import siftc
 from siftc import export as ex
 from siftc.bench import engine as engine_mod
 from siftc.bench import runner
-from siftc.bench.deepsparse_engine import DeepSparseEngine
+from siftc.bench.deepsparse_engine import DeepSparseEngine, sparse_layers_off_kernels, sparse_weight_nodes
 from siftc.bench.runner import BenchConfig, bench
 from siftc.bench.sweep import run_sweep
 from siftc.cli import main
 from siftc.errors import EngineError, UsageError
 
 ROW_KEYS = {"model", "kind", "sparsity", "engine", "batch", "threads", "status", "iterations", "p50_ms", "p90_ms",
-            "p99_ms", "mean_ms", "items_per_s"}
+            "p99_ms", "mean_ms", "items_per_s", "turn_p50_ms"}
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +46,27 @@ def test_real_engines_schema_and_agreement(files):
     assert [(r["engine"], r["sparsity"]) for r in rows] == [(e, s) for s in (0, 0.9) for e in cfg.engines]
     for r in rows:
         assert ROW_KEYS <= r.keys() and r["status"] == "ok" and r["batch"] == 4 and r["threads"] == 1
-        assert r["iterations"] == 6  # 2 turns x 3 calls, warm-up excluded
+        assert r["iterations"] == 6 and len(r["turn_p50_ms"]) == 2  # 2 turns x 3 calls, warm-up excluded
+        assert min(r["turn_p50_ms"]) <= r["p50_ms"] <= max(r["turn_p50_ms"])
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["items_per_s"] == pytest.approx(4 * 1000 / r["mean_ms"], rel=1e-6)
         if r["engine"] != "deepsparse":  # every engine gets the same inputs: outputs agree
             assert r["max_abs_diff"]["vs"] == "deepsparse" and r["max_abs_diff"]["value"] < 1e-3
     ds = [r for r in rows if r["engine"] == "deepsparse"]
     assert all(r["supported_fraction"] == 1.0 for r in ds)  # every layer, so every sparse layer, on its kernels
+
+
+def test_deepsparse_names_sparse_layers_off_its_kernels(tmp_path):
+    # The GPT's embedding and LayerNorm run on DeepSparse's fallback executor (fraction < 1); its sparse
+    # MatMuls must not. The analysis used to compile at batch 1, which aborts the whole process inside
+    # DeepSparse on a static-batch file; it now runs at the file's batch, in a child process.
+    siftc.save(siftc.convert(spec_path("examples/gpt.py:gpt"), kind="wide", sparsity=0.75), tmp_path / "art")
+    path = ex.export(tmp_path / "art", tmp_path / "gpt.onnx", batch=2).path
+    details = DeepSparseEngine(path, 2, 1).details()
+    assert details["supported_fraction"] < 1.0 and details["sparse_layers_fallback"] == []
+    assert len(sparse_weight_nodes(path)) == len([x for x in ex.read_sidecar(path)["layers"] if x["initializer"]])
+    with pytest.raises(EngineError, match="layer analysis .* failed"):
+        sparse_layers_off_kernels(path, 1, 1)  # the old call: DeepSparse aborts, the caller survives
 
 
 def test_dynamic_file_runs_at_every_batch(files):
@@ -130,10 +147,20 @@ def test_cli_bench_json(files, tmp_path):
 def test_cli_errors(files, tmp_path, args, match):
     garbage = tmp_path / "g.onnx"
     garbage.write_bytes(b"\x00not onnx at all")
+    out = tmp_path / "b.json"
     args = [a.format(py=spec_path("examples/mlp.py"), garbage=garbage, sparse=files["sparse"]) for a in args]
     res = CliRunner().invoke(main, ["bench", *args, "--iterations" if "--iterations" not in args and "--time" not in args
-                                    else "--turns", "1"])
+                                    else "--turns", "1", "--json", str(out)])
     assert res.exit_code == 2, res.output
-    last = res.output.strip().splitlines()[-1]
-    assert last.startswith("siftc: error:") and "Traceback" not in res.output
-    assert re.search(match, last), res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("siftc: error:"), res.output  # one line, nothing else
+    assert re.search(match, lines[0]), res.output
+    assert not out.exists()  # no partial result
+
+
+def test_cli_error_subprocess(files, tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run([str(Path(sys.executable).parent / "siftc"), "bench", str(files["sparse"]), "--batch", "64",
+                           "--engine", "onnxruntime", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and not out.exists()
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("siftc: error: batch 64 does not fit"), proc.stderr

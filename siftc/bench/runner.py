@@ -141,12 +141,15 @@ def make_inputs(mf: ModelFile, batch: int, seed: int) -> list:
 
 # ------------------------------------------------------------------------------------------- stats
 
-def summarize(latencies_s: list[float], batch: int) -> dict:
-    ms = np.asarray(latencies_s) * 1e3
+def summarize(turns_s: list[list[float]], batch: int) -> dict:
+    """Statistics of per-call latencies (s), given turn by turn. `turn_p50_ms` (one median per turn) lets
+    a reader pair two files turn by turn, so a change in the machine between turns cancels out."""
+    ms = np.concatenate([np.asarray(t, dtype=float) for t in turns_s]) * 1e3
     return {"iterations": int(ms.size),
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "items_per_s": float(batch * ms.size / (ms.sum() / 1e3))}
+            "items_per_s": float(batch * ms.size / (ms.sum() / 1e3)),
+            "turn_p50_ms": [float(np.median(t) * 1e3) for t in turns_s]}
 
 
 def machine() -> dict:
@@ -212,7 +215,7 @@ def bench(paths, cfg: BenchConfig, progress=None) -> dict:
             for pair in live:
                 time.sleep(SETTLE_S)
                 say(0, total, f"turn {turn + 1}/{cfg.turns}: {pair['file'].path.name} on {pair['name']}, batch {batch}")
-                pair["lat"].extend(_measure(pair["engine"], inputs[(pair["file"].path, batch)], per_turn))
+                pair["lat"].append(_measure(pair["engine"], inputs[(pair["file"].path, batch)], per_turn))
                 say(1, total, "")
         for pair in live:
             row = _row(pair["file"], pair["name"], batch, cfg, status="ok", **summarize(pair["lat"], batch),

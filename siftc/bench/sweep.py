@@ -34,15 +34,15 @@ def _reusable(onnx_path: Path, spec: str, kind: str, sparsity: float, batch, ops
 
 
 def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None, opset: int = ex.DEFAULT_OPSET,
-                 round_to: int = 1, force: bool = False, progress=None) -> list[Path]:
+                 round_to: int = 1, force: bool = False, progress=None, dense: bool = True) -> list[Path]:
     """Convert and export each sparsity point (reusing up-to-date files); returns the ONNX paths,
-    dense first. `batch=None` exports a dynamic batch."""
+    dense first. `batch=None` exports a dynamic batch. `dense=False`: only the points asked for."""
     import siftc
     say = progress or (lambda label: None)
     sparsities = sorted(set(float(s) for s in sparsities))
     if not sparsities or any(not 0 <= s < 1 for s in sparsities):
         raise UsageError(f"--sparsities {sparsities} must lie in [0, 1), e.g. 0,0.5,0.75,0.9")
-    if sparsities[0] != 0:
+    if dense and sparsities[0] != 0:
         sparsities.insert(0, 0.0)  # everything is read relative to the dense model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

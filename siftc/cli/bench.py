@@ -85,8 +85,9 @@ def bench_cmd(models, engines, batches, threads, warmup, time_s, iterations, tur
                       threads=threads or default_threads(), warmup=warmup,
                       time_s=None if iterations else (time_s or 5.0), iterations=iterations, turns=turns)
     err = Console(stderr=True)
+    # Not a terminal (a log, a pipe): no bar, which would leave a blank line before an error.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("starting", total=None)
 
         def progress(advance, total, label):
@@ -132,6 +133,10 @@ def print_results(result: dict):
             notes.append(f"supported {r['supported_fraction']:.3f}")
             if r.get("sparse_layers_fallback"):
                 notes.append(f"sparse layers NOT on DeepSparse kernels: {len(r['sparse_layers_fallback'])}")
+            elif r.get("analysis_note"):
+                notes.append("sparse-layer analysis failed (see JSON)")
+            elif "sparse_layers_fallback" in r:
+                notes.append("every sparse layer on its kernels")
         table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", f"{r['items_per_s']:,.1f}", "; ".join(notes))
     console = Console() if Console().is_terminal else Console(width=200)
