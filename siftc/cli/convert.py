@@ -13,6 +13,13 @@ def _sparsity(ctx, param, value):
     return value
 
 
+def _round_to(ctx, param, value):
+    try:
+        return int(value)  # the range is checked by siftc.config, for the Python API too
+    except ValueError:
+        raise click.BadParameter(f"{value} is not a positive integer; e.g. --round-to 8") from None
+
+
 @click.command("convert")
 @click.argument("model")
 @click.option("--kind", "-k", required=True, type=click.Choice(KIND_NAMES), help="Sparse-IFT family.")
@@ -26,7 +33,7 @@ def _sparsity(ctx, param, value):
 @click.option("--no-keep-dense", is_flag=True, help="Transform the first and last weight layer too.")
 @click.option("--branch-act", type=click.Choice(BRANCH_ACTS), default="relu", show_default=True,
               help="Non-linearity in parallel branches and the factorized middle.")
-@click.option("--round-to", type=int, default=1, show_default=True,
+@click.option("--round-to", default="1", show_default=True, callback=_round_to, metavar="M",
               help="wide: make widths multiples of this.")
 @click.option("--widen-heads", is_flag=True, help="wide: widen attention head dimension too.")
 @click.option("--strict", is_flag=True, help="Fail on a layer or width group siftc cannot transform.")
