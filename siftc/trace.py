@@ -200,7 +200,15 @@ def _users(filename: str) -> bool:
     return not filename.startswith("<") and not path.is_relative_to(_TORCH) and not path.is_relative_to(_SIFTC)
 
 
-class _NodeFailed(Exception):
+def node_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """A node's recorded tensor shape (None for non-tensors and tuples of tensors)."""
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if hasattr(tm, "shape") else None
+
+
+class NodeFailed(Exception):
+    """A node raised while its shape was being recorded; `error` is what it raised."""
+
     def __init__(self, node: torch.fx.Node, error: Exception):
         super().__init__(node.name)
         self.node, self.error = node, error
@@ -214,7 +222,7 @@ class ShapeRecorder(torch.fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as e:
-            raise _NodeFailed(n, e) from e
+            raise NodeFailed(n, e) from e
         found = False
 
         def record(obj):
@@ -241,7 +249,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple):
     try:
         with torch.no_grad():
             ShapeRecorder(gm).run(*example_inputs)
-    except _NodeFailed as e:
+    except NodeFailed as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
         msg = str(e.error).splitlines()[0] if str(e.error) else type(e.error).__name__
         raise UsageError(f"example input of shape {shapes} does not fit the model at {_describe(gm, e.node)}: "

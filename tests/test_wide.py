@@ -206,7 +206,7 @@ def test_tied_head_stays_tied():
 def test_kept_dense_layers_grow_and_are_paid_for():
     gm = siftc.convert(spec_path("examples/mlp.py:mlp"), "wide", 0.75)
     layers = {r["name"]: r for r in gm.siftc_info.report["layers"]}
-    assert layers["net.0"]["kind"] == "dense" and layers["net.0"]["new_shape"] == "[512, 64]"
+    assert layers["net.0"]["kind"] == "dense" and layers["net.0"]["new_shape"] == "512x64"
     assert layers["net.0"]["flops"] == 2 * layers["net.0"]["dense_flops"]
     sparse = [r for r in layers.values() if r["kind"] == "wide"]
     assert sparse and all(r["density"] < 0.25 for r in sparse)  # below 1/k^2: paying for net.0, net.6

@@ -25,9 +25,10 @@ def print_report(report: dict):
                   f"ratio {report['flop_ratio']:.4f}")
     console = Console() if Console().is_terminal else Console(width=200)
     console.print(table)
+    norms = "" if "non_weight_flops" in report else \
+        f"; extra non-weight FLOPs (branch norms) {report['extra_flops']:,}"  # wide: its own line below
     console.print(f"weight FLOPs {report['flops']:,} vs dense {report['dense_flops']:,} "
-                  f"(ratio {report['flop_ratio']:.4f}); extra non-weight FLOPs (branch norms) "
-                  f"{report['extra_flops']:,}; non-zero params {report['nonzero_params']:,} "
+                  f"(ratio {report['flop_ratio']:.4f}){norms}; non-zero params {report['nonzero_params']:,} "
                   f"of {report['params']:,} (dense model {report['dense_params']:,})")
     for r in report["layers"]:
         if r["kind"] in ("skipped", "dense") and r["reason"]:

@@ -22,6 +22,7 @@ import torch.fx
 
 from siftc.errors import TraceError
 from siftc.passes.width_rules import rule_for
+from siftc.trace import node_shape
 
 Label = tuple  # ((group id, multiplier), ...) along one tensor dimension
 
@@ -160,10 +161,7 @@ class Analysis:
         self.fix(b, why)
 
     # ---- nodes --------------------------------------------------------------------------------
-    @staticmethod
-    def shape(node):
-        tm = node.meta.get("tensor_meta")
-        return tuple(tm.shape) if hasattr(tm, "shape") else None
+    shape = staticmethod(node_shape)
 
     @staticmethod
     def dims(node):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from siftc import flops, solve
 from siftc.config import ConvertConfig
@@ -27,6 +26,7 @@ from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
 from siftc.passes.tensor_rules import node_arg, positive_dim
+from siftc.trace import NodeFailed, ShapeRecorder, node_shape
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -60,7 +60,7 @@ def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator
     width = lambda label: sum(new_width[g] * m for g, m in label)
     plans = _plans(gm, a, cfg, width)
     _solve(plans, cfg)
-    dense_shapes = {n: _shape(n) for n in gm.graph.nodes}
+    dense_shapes = {n: node_shape(n) for n in gm.graph.nodes}
     _rebuild(gm, plans, generator)
     _resize_params(gm, a, width, generator)
     _rewrite_sizes(gm, a, width)
@@ -71,12 +71,6 @@ def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator
     records = [_record(p) for p in plans.values() if isinstance(p.module, flops.WEIGHT_LAYERS + (nn.Embedding,))]
     extra = {"groups": _group_report(a, new_width), "non_weight_flops": _non_weight(gm, dense_shapes)}
     return gm, records, extra
-
-
-def _shape(node):
-    """A node's tensor shape from ShapeProp (None for non-tensors and tuples)."""
-    tm = node.meta.get("tensor_meta")
-    return tuple(tm.shape) if hasattr(tm, "shape") else None
 
 
 # ---- analysis additions -----------------------------------------------------------------------
@@ -254,7 +248,7 @@ def _new_shape(node, width):
 def _rewrite_sizes(gm, a, width):
     """Size arguments baked into the graph (view shapes, split sizes) follow the new widths."""
     for node, how in a.rewrites:
-        old = _shape(node) if how != "split" else None
+        old = node_shape(node) if how != "split" else None
         if how == "shape":
             new, labels = _new_shape(node, width), node.meta["siftc.dims"]
             nested = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
@@ -289,15 +283,16 @@ def _check_shapes(gm, width):
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as e:
-        raise TraceError(f"wide: the widened graph does not run: {str(e).splitlines()[0]}; a size in the "
-                         f"model is not derived from its inputs (keep that layer dense or report it)") from e
+            ShapeRecorder(gm).run(*inputs)
+    except NodeFailed as e:
+        first = (str(e.error).splitlines() or [type(e.error).__name__])[0]
+        raise TraceError(f"wide: the widened graph does not run at node {e.node.name}: {first}; a size in the "
+                         f"model is not derived from its inputs (keep that layer dense or report it)") from e.error
     finally:
         gm.train(was_training)
     for node, shape in predicted.items():
-        if _shape(node) != shape:
-            raise TraceError(f"wide: node {node.name} came out {_shape(node)}, expected {shape}; "
+        if node_shape(node) != shape:
+            raise TraceError(f"wide: node {node.name} came out {node_shape(node)}, expected {shape}; "
                              f"its op hides a width the rules do not see (please report it)")
         node.meta["siftc.shape"] = shape
 
@@ -329,13 +324,17 @@ def _new_weights(p):
 
 
 def _shape_text(p):
+    """The new weight shape as the dense one is printed: 202x202x3x3."""
     m, new = p.module, p.new
     if isinstance(m, nn.Embedding):
-        return str([m.num_embeddings, new["out"]])
-    if isinstance(m, nn.Linear):
-        return str([new["out"], new["in"]])
-    out = new["in"] * (m.out_channels // m.in_channels) if m.groups == m.in_channels and m.groups > 1 else new["out"]
-    return str([out, new["in"] // (new["in"] if m.groups == m.in_channels else m.groups), *m.kernel_size])
+        dims = [m.num_embeddings, new["out"]]
+    elif isinstance(m, nn.Linear):
+        dims = [new["out"], new["in"]]
+    else:
+        depthwise = m.groups == m.in_channels and m.groups > 1
+        out = new["in"] * (m.out_channels // m.in_channels) if depthwise else new["out"]
+        dims = [out, new["in"] // (new["in"] if m.groups == m.in_channels else m.groups), *m.kernel_size]
+    return "x".join(map(str, dims))
 
 
 def _group_report(a, new_width) -> list[dict]:
@@ -357,11 +356,11 @@ def _non_weight(gm, dense_shapes) -> dict:
             n.op == "call_function" and n.target is torch.nn.functional.layer_norm
         if is_norm:
             dense += 2 * math.prod(dense_shapes[n])
-            wide += 2 * math.prod(_shape(n))
+            wide += 2 * math.prod(node_shape(n))
         elif n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention:
             q, v = n.args[0], n.args[2]
             dense += _attention_flops(dense_shapes[q], dense_shapes[v])
-            wide += _attention_flops(_shape(q), _shape(v))
+            wide += _attention_flops(node_shape(q), node_shape(v))
     return {"dense": dense, "wide": wide, "extra": wide - dense,
             "counted": "norms at 2 FLOPs per element, scaled_dot_product_attention products at 2 per MAC"}
 
