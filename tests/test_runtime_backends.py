@@ -59,7 +59,7 @@ def test_auto_times_once_per_shape():
     assert len(auto.choices[layer]) == 2
 
 
-@pytest.mark.skipif(not HAS_SPARSEPROP, reason="sparseprop not installed (pip install sparseprop)")
+@pytest.mark.skipif(not HAS_SPARSEPROP, reason="sparseprop not installed (the README's test command installs it)")
 class TestSparseProp:
     def test_linear_matches_masked_dense_including_zero_weights_in_mask(self):
         layer = SparseLinear(40, 24, nnz=300)
@@ -77,6 +77,14 @@ class TestSparseProp:
         ref, got = outputs(layer, x, "torch"), outputs(layer, x, "sparseprop")
         for r, g in zip(ref, got):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+
+    @pytest.mark.parametrize("batch", [12, 5, 1])
+    def test_conv_batch_not_a_multiple_of_8_is_refused(self, batch):
+        """SparseProp's own conv is wrong at these batches (max error ~1 against masked dense)."""
+        layer = SparseConv2d(8, 8, 3, padding=1, bias=False, nnz=200)
+        set_backend(layer, "sparseprop")
+        with pytest.raises(UsageError, match=f"not a multiple of 8 \\(got batch {batch}\\).*--backend native"):
+            layer(torch.randn(batch, 8, 8, 8))
 
     def test_unsupported_conv_is_a_clear_error(self):
         layer = SparseConv2d(4, 4, 3, dilation=2)
@@ -96,5 +104,5 @@ def test_sparseprop_missing_names_the_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_sparseprop)
     layer = SparseLinear(4, 4)
     set_backend(layer, "sparseprop")
-    with pytest.raises(UsageError, match="pip install sparseprop"):
+    with pytest.raises(UsageError, match="pip install --no-build-isolation sparseprop"):
         layer(torch.randn(2, 4))

@@ -15,7 +15,7 @@ BACKENDS = {
     "torch": MaskedDense(),  # masked dense: the reference, and the fallback without a compiler
     "native": Native(),      # siftc's C++ kernels, compiled on first use (siftc.runtime.build)
     "auto": AutoBackend(),   # per layer, the faster of native and torch, timed once and recorded
-    "sparseprop": SparseProp(),  # SparseProp's kernels (`pip install sparseprop`), a peer to compare
+    "sparseprop": SparseProp(),  # SparseProp's kernels (see sparseprop_backend.INSTALL), a peer to compare
 }
 
 

@@ -1,13 +1,16 @@
-"""The "sparseprop" backend: SparseProp's own kernels (`pip install sparseprop`), a peer to compare against.
+"""The "sparseprop" backend: SparseProp's own kernels (the PyPI package), a peer to compare against.
 
 Optional. Each forward gathers the layer's masked weights into SparseProp's value array (a differentiable
 gather, so gradients land in `layer.weight`, zero outside the mask) and calls SparseProp's autograd
 Functions. Its index is built from the mask, not from non-zero values, so weights at zero inside the mask
 are kept, and is rebuilt when `layer.mask_version` changes.
 
-Known limits of the package (siftc's tests show them against masked dense): its convolutions give wrong
-results when the batch is not a multiple of 8 and NaNs on grouped convolutions; it supports square
-kernels, stride 1 or 2, no dilation, float32 only.
+Known limits of the package: its convolutions give wrong results when the batch is not a multiple of 8
+(measured: max error ~1.1 at batch 12, 5 and 1, against 2e-7 at 16) and NaNs on grouped convolutions; it
+supports square kernels, stride 1 or 2, no dilation, float32 only. This backend refuses those cases with
+an error instead of returning wrong numbers.
+
+Its sdist does not build in pip's isolated build environment; INSTALL is the command that works.
 """
 import weakref
 
@@ -15,14 +18,16 @@ import torch
 
 from siftc.errors import UsageError
 
+INSTALL = "pip install wheel pybind11 && pip install --no-build-isolation sparseprop==0.1.14"
+
 
 def _import():
     try:
         from sparseprop.modules import functions
         from sparseprop.modules import utils
     except ImportError as e:
-        raise UsageError("backend 'sparseprop' needs the SparseProp package: `pip install sparseprop` "
-                         "(it compiles C++ on install), or choose --backend native") from e
+        raise UsageError(f"backend 'sparseprop' needs the SparseProp package: `{INSTALL}` "
+                         f"(it compiles C++ on install), or choose --backend native") from e
     return functions, utils
 
 
@@ -59,6 +64,9 @@ class SparseProp:
                 or x.dtype != torch.float32):
             raise UsageError(f"backend 'sparseprop' supports square float32 convs with stride 1 or 2 and no "
                              f"dilation, not {layer}; use --backend native")
+        if x.shape[0] % 8:
+            raise UsageError(f"backend 'sparseprop' computes wrong convolutions when the batch is not a multiple "
+                             f"of 8 (got batch {x.shape[0]}); use --backend native or a batch size like 64")
         if layer.weight.numel() >= 1 << 24:
             raise UsageError(f"backend 'sparseprop': weight of {layer} too large to index exactly")
 
