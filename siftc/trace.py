@@ -48,7 +48,8 @@ class LoadedModel:
 
 def _import(target: str):
     """Import a .py path or a dotted module name; returns (module, file path or None)."""
-    if target.endswith(".py") or "/" in target or Path(target).suffix:
+    dotted = all(part.isidentifier() for part in target.split("."))  # torch.nn, pkg.models
+    if target.endswith(".py") or "/" in target or not dotted or Path(target).is_file():
         path = Path(target)
         if not path.is_file():
             raise ModelLoadError(f"model file {target} not found; pass a path like examples/mlp.py[:factory]")

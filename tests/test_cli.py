@@ -221,3 +221,10 @@ def test_help_example_names_a_real_model():
     assert result.exit_code == 0 and specs
     for spec in specs:
         assert load_model(str(ROOT / spec)).source.spec.endswith(spec.rpartition("/")[2])
+
+
+
+def test_dotted_module_spec_is_imported_not_taken_for_a_file(tmp_path):
+    """torch.nn:Linear names a module and a class (not a file 'torch.nn'); that factory needs arguments."""
+    assert_one_line_error(convert(tmp_path, "torch.nn:Linear", kind="wide"), tmp_path,
+                          r"factory torch\.nn:Linear raised TypeError")

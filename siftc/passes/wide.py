@@ -314,6 +314,8 @@ def _record(p: Plan) -> LayerRecord:
     grouped = isinstance(m, nn.Conv2d) and m.groups > 1  # its reason says it already
     if p.changed and isinstance(m, flops.WEIGHT_LAYERS) and not grouped:
         why += "; widened, its extra FLOPs paid for by the sparse layers"
+    elif p.changed and isinstance(m, nn.Embedding):
+        why += "; widened with the stream it feeds"
     return LayerRecord(p.name, "dense", dense_shape, new_shape, structure, search_space=weights, reason=why)
 
 
