@@ -1,8 +1,16 @@
 """Shared test helpers: the shipped examples and small models."""
+import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that spin while they wait make every torch op ~7x slower when another process holds a
+# core (measured: a ResNet-18 convert + train step, 46 s against 7 s with one core busy). Tests check
+# correctness, so they wait passively; this must be set before torch loads libgomp (subprocesses inherit it).
+assert "torch" not in sys.modules, "conftest must set OMP_WAIT_POLICY before torch is imported"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
