@@ -6,14 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import spec_path
 
 import siftc
 from siftc import export as ex
-from siftc.bench import engine as engine_mod
 from siftc.bench import runner
 from siftc.bench.deepsparse_engine import DeepSparseEngine, sparse_layers_off_kernels, sparse_weight_nodes
 from siftc.bench.runner import BenchConfig, bench
@@ -77,23 +75,20 @@ def test_dynamic_file_runs_at_every_batch(files):
 
 
 def test_engines_take_turns(files, monkeypatch):
+    """The real engines, each call recorded on its way through: warm-up, then turns that alternate."""
+    from siftc.bench.onnxruntime_engine import OnnxRuntimeEngine
+    from siftc.bench.torch_engine import TorchEngine
     calls = []
-
-    class Fake(engine_mod.Engine):
-        def __init__(self, path, batch, threads):
-            super().__init__(path, batch, threads)
-
-        def run(self, inputs):
+    for cls in (OnnxRuntimeEngine, TorchEngine):
+        def recorded(self, inputs, _run=cls.run):
             calls.append(self.name)
-            return [np.zeros(1)]
-
+            return _run(self, inputs)
+        monkeypatch.setattr(cls, "run", recorded)
     monkeypatch.setattr(runner, "SETTLE_S", 0)
-    classes = {n: type(n, (Fake,), {"name": n}) for n in ("a", "b")}
-    monkeypatch.setattr(engine_mod, "ENGINES", {"a": "x:a", "b": "x:b"})
-    monkeypatch.setattr(runner, "ENGINES", {"a": "x:a", "b": "x:b"})
-    monkeypatch.setattr(runner, "get_engine", lambda name: classes[name])
-    bench([files["sparse"]], BenchConfig(engines=("a", "b"), batches=(4,), warmup=1, iterations=4, turns=2))
-    assert calls == ["a", "b"] + ["a"] * 2 + ["b"] * 2 + ["a"] * 2 + ["b"] * 2  # warm-up, turn 1, turn 2
+    bench([files["sparse"]], BenchConfig(engines=("onnxruntime", "torch"), batches=(4,), warmup=1,
+                                         iterations=4, turns=2))
+    o, t = "onnxruntime", "torch"
+    assert calls == [o, t] + [o] * 2 + [t] * 2 + [o] * 2 + [t] * 2  # warm-up, turn 1, turn 2
 
 
 def test_missing_deepsparse_is_a_note(files, monkeypatch):
