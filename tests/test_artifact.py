@@ -116,3 +116,28 @@ def test_masks_survive_the_round_trip(tmp_path):
     siftc.save(gm, tmp_path / "art")
     again = next(m for m in siftc.load(tmp_path / "art").modules() if isinstance(m, SPARSE_LAYERS))
     assert torch.equal(again.mask, layer.mask) and torch.equal(again.weight, layer.weight)
+
+
+def test_sparse_weights_are_stored_compactly(tmp_path):
+    """A 90% parallel MLP stores its sparse layers as values + mask bits: the file is a fraction of the
+    dense fp32 storage, and the model comes back exactly."""
+    gm = siftc.convert(MLP, "parallel", 0.9)
+    art = siftc.save(gm, tmp_path / "art")
+    dense_bytes = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    assert (art / "weights.pt").stat().st_size < 0.3 * dense_bytes
+    again = siftc.load(art)
+    for (k, a), (k2, b) in zip(sorted(gm.state_dict().items()), sorted(again.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_values_that_do_not_fit_the_mask_are_refused(tmp_path):
+    art = siftc.save(siftc.convert(MLP, "parallel", 0.9), tmp_path / "art")
+    state = torch.load(art / "weights.pt", weights_only=True)
+    key = next(k for k in state if k.endswith("weight@values"))
+    state[key] = state[key][:-1]
+    torch.save(state, art / "weights.pt")
+    meta = json.loads((art / "siftc.json").read_text())
+    meta["sha256"]["weights.pt"] = _sha256(art / "weights.pt")  # consistent checksums: only the count is off
+    (art / "siftc.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"values for .*weight but its mask has .*corrupt"):
+        siftc.load(art)

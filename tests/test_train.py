@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import siftc
+from siftc.artifact import read_state
 from siftc.cli import main
 from siftc.sparse import sparse_layers
 from siftc.train import TrainConfig, train
@@ -194,8 +195,8 @@ def test_sigkill_and_resume_equals_uninterrupted(work, tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "summary.json").read_text())["resumed_at"] == ckpt["step"]
-    want = torch.load(ref / "model" / "weights.pt", weights_only=True)
-    got = torch.load(run / "model" / "weights.pt", weights_only=True)
+    want = read_state(ref / "model")
+    got = read_state(run / "model")
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
@@ -215,7 +216,7 @@ def test_two_process_ddp_ranks_agree(work, tmp_path):
     r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
-    initial = torch.load(work / "clf" / "weights.pt", weights_only=True)
+    initial = read_state(work / "clf")
     masks = [k for k in r0 if k.endswith(".mask")]
     assert masks and any(not torch.equal(r0[k], initial[k]) for k in masks)  # RigL moved them
     assert all(r0[k].sum() == initial[k].sum() for k in masks)
@@ -257,8 +258,8 @@ def test_rigl_on_native_runtime_matches_masked_dense(work, tmp_path):
         out = tmp_path / backend
         summary = train(TrainConfig(str(work / "clf"), str(work / "data.npz"), str(out), backend=backend, **args))
         assert summary["backend"] == backend and summary["mask_updates"] == 2  # steps 10 and 20 (< 75% of 40)
-        runs[backend] = torch.load(out / "model" / "weights.pt", weights_only=True)
-    initial = torch.load(work / "clf" / "weights.pt", weights_only=True)
+        runs[backend] = read_state(out / "model")
+    initial = read_state(work / "clf")
     masks = [k for k in initial if k.endswith(".mask")]
     assert masks
     for k in masks:
