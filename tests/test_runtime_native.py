@@ -79,6 +79,8 @@ CONV_CASES = [
     (6, 8, 5, 1, 2, 1, (7, 9)),
     (3, 3, 3, 3, 0, 2, (13, 12)),
     (2, 3, 7, 2, 3, 1, (15, 15)),
+    (5, 7, 1, 2, 0, 1, (9, 8)),            # 1x1 stride 2: three of dX's four stride phases get no kernel position
+    (4, 5, (2, 3), (3, 2), (0, 1), 1, (10, 9)),  # stride larger than the kernel, unequal phases
 ]
 
 
@@ -229,3 +231,25 @@ def test_training_with_set_scheduler_matches_masked_dense():
     for m in got.modules():
         if hasattr(m, "mask"):
             assert (m.weight[~m.mask] == 0).all()
+
+
+@pytest.mark.parametrize("l2_bytes", [2048, 64 * 1024])
+@pytest.mark.parametrize("batch", [1, 20])
+def test_conv_many_panels_and_row_blocks(monkeypatch, l2_bytes, batch):
+    # more than one 128-row block per thread, many column panels, strided phases: the loop orders and the
+    # cross-tile accumulation of the weight gradient that small layers never reach
+    import siftc.runtime.native as native
+    monkeypatch.setattr(native, "L2_BYTES", l2_bytes)
+    monkeypatch.setitem(BACKENDS, "native", native.Native())  # fresh index cache for the patched panel size
+    for stride in (1, 2):
+        layer = SparseConv2d(150, 300, 3, stride=stride, padding=1, nnz=nnz_for(300 * 150 * 9, 0.97))
+        assert_parity(layer, torch.randn(batch, 150, 7, 6))
+
+
+@pytest.mark.parametrize("batch", [257, 520])
+def test_linear_several_batch_tiles_many_panels(monkeypatch, batch):
+    import siftc.runtime.native as native
+    monkeypatch.setattr(native, "L2_BYTES", 4096)
+    monkeypatch.setitem(BACKENDS, "native", native.Native())
+    layer = SparseLinear(300, 290, nnz=nnz_for(300 * 290, 0.9))
+    assert_parity(layer, torch.randn(batch, 300))

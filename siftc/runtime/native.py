@@ -25,11 +25,10 @@ from siftc.runtime import build
 from siftc.runtime.masked import MaskedDense
 
 L2_BYTES = 512 * 1024
-"""Input bytes one column panel may touch: half of a core's L2 here (1 MiB), leaving room for the rest."""
-SCRATCH_BYTES = 256 * 1024
-"""Per-thread weight-gradient partial sums (one 64-byte vector per non-zero) kept per panel."""
+"""Input bytes one tile may touch across a column panel: half of a core's L2 here (1 MiB), leaving room
+for the output tiles of a row block and the index."""
 VECTOR_FLOATS = 256
-"""Batch elements one tile holds in registers (16 AVX-512 vectors): the batch slice a panel touches."""
+"""Batch elements one tile holds in registers (16 AVX-512 vectors): the batch slice a Linear panel touches."""
 
 
 def _pow2_floor(n: int) -> int:
@@ -66,26 +65,14 @@ class Native:
                 entry[key] = torch.ops.siftc.build_index(layer.mask.detach(), kk, panel, transpose)
         return entry[key]
 
-    def _indexes(self, layer, group_bytes_fwd: int, group_bytes_t: int, multi_tile: bool):
-        """The forward, grad-input and grad-weight indexes, each with column panels sized for its use."""
-        p = max(1, L2_BYTES // group_bytes_fwd)
-        pw = p
-        if multi_tile:  # the weight gradient keeps one vector per non-zero of a thread's rows in a panel
-            groups = layer.weight.shape[1]
-            per_group = max(1, layer.nnz // groups // max(1, torch.get_num_threads()))
-            pw = min(p, max(1, SCRATCH_BYTES // (per_group * 64)))
-        pt = max(1, L2_BYTES // group_bytes_t)
-        p, pw, pt = _pow2_floor(p), _pow2_floor(pw), _pow2_floor(pt)
-        return self.index(layer, p, False) + self.index(layer, pt, True) + self.index(layer, pw, False)
-
     def linear(self, layer, x):  # (*, in) -> (*, out)
         if not supported(layer, x):
             return self._fallback.linear(layer, x)
         build.load()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        bp = -(-x2.shape[0] // 16) * 16
-        chunk = min(bp, VECTOR_FLOATS) * x.element_size()
-        index = self._indexes(layer, chunk, chunk, bp > VECTOR_FLOATS)
+        chunk = min(-(-x2.shape[0] // 16) * 16, VECTOR_FLOATS) * x.element_size()
+        fwd = self.index(layer, _panel(chunk), False)
+        index = fwd + self.index(layer, _panel(chunk), True) + fwd  # the weight gradient walks the forward index
         y = torch.ops.siftc.sparse_linear(x2, layer.weight, layer.bias, *index)  # (N, out)
         return y.view(*x.shape[:-1], layer.out_features)
 
@@ -96,11 +83,27 @@ class Native:
         build.load()
         b, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-        chunk = min(-(-b // 16) * 16, VECTOR_FLOATS) * x.element_size()
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        fwd_bytes = ((kh - 1) * dh + 1) * (w + 2 * pw) * chunk
-        t_bytes = ((kh - 1) * dh + 1) * ((wo - 1) * sw + 1 + 2 * (kw - 1) * dw) * chunk
-        index = self._indexes(layer, fwd_bytes, t_bytes, ho * wo > 1 or b > VECTOR_FLOATS)
+        # panels sized by the main register tile's input footprint (csrc make_tiles): a tile's slice of a
+        # panel stays in L2 while the rows of a block reuse it
+        vectors = -(-b // 16) * 16 * x.element_size() // 64
+        rows = (kh - 1) * dh + 1
+        nv, nt = _tile(vectors, wo)
+        fwd = self.index(layer, _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64), False)
+        nv, nt = _tile(vectors, -(-((wo - 1) * sw + 1 + (kw - 1) * dw) // sw))  # a stride phase of dX
+        index = fwd + self.index(layer, _panel(rows * (nt + (kw - 1) * dw) * nv * 64), True) + fwd
         return torch.ops.siftc.sparse_conv2d(x, layer.weight, layer.bias, list(layer.stride), list(layer.padding),
                                              list(layer.dilation), *index)
+
+
+def _tile(nvec: int, pos_w: int) -> tuple[int, int]:
+    """(vectors, positions) of the kernels' main register tile (make_tiles in csrc/sparse_ops.cpp)."""
+    nv = min(16, _pow2_floor(nvec))
+    nt = max(1, 16 // nv)
+    return nv, nt if nt <= pos_w else 1
+
+
+def _panel(tile_bytes: int) -> int:
+    """Groups per column panel so that one tile's input slice over a panel stays in L2."""
+    return _pow2_floor(max(1, L2_BYTES // tile_bytes))

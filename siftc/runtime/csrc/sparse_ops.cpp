@@ -5,8 +5,8 @@
 // is the 1x1 convolution of a 1x1 image, so one code path serves both.
 //
 //   forward      Y[o, pos]   = sum_{(c,k) in row o} W[o,c,k] * Xp[c, pos*stride + k*dilation]    (spmm)
-//   grad input   dXp[c, pos] = sum_{(o,k) in row c} W[o,c,k] * dYq[o, pos + Q - k*dilation]      (spmm on the
-//                transposed index; dY is zero-dilated by the stride and padded by Q = (K-1)*dilation)
+//   grad input   dXp[c, pos] = sum_{(o,k) in row c} W[o,c,k] * dY[o, (pos - k*dilation) / stride]  (spmm on
+//                the transposed index, one stride phase of pos at a time: see grad_input)
 //   grad weight  dW[o,c,k]   = sum_pos dY[o, pos] . Xp[c, pos*stride + k*dilation]  at non-zeros   (sddmm)
 //
 // The index (built from the mask by build_index, O(numel) scan, O(nnz) fill) is a CSR split into column
@@ -14,10 +14,13 @@
 // ptr[p*R + r] .. ptr[p*R + r + 1] are row r's entries in panel p, and panel p holds groups
 // [p*P, (p+1)*P) with P = ceil(groups / panels). An entry stores code = group << 8 | kernel_position
 // (group = input channel for the forward index, output channel for the transposed one) and widx = its
-// flat position in the dense weight. Values are gathered from the dense weight at call time, so optimizer
+// flat position in the dense weight. A pass walks row blocks, then tiles of output positions x batch
+// vectors, then panels, then the block's rows (see row_block), so each tile's input slice over a panel is
+// read from L2 and each output tile is written once. Values are gathered from the dense weight at call time, so optimizer
 // updates need no index rebuild. Weights inside the mask that are exactly zero stay in the index.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,6 +28,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <memory>
 #include <vector>
@@ -44,6 +48,10 @@ template <> struct Vec<double> { using type = vdouble; static constexpr int lane
 
 template <typename T>
 static inline T hsum(typename Vec<T>::type v) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps((__m512)v);
+  else return _mm512_reduce_add_pd((__m512d)v);
+#endif
   T s = 0;
   for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
   return s;
@@ -139,6 +147,7 @@ static SpmmFn<T> spmm_fn(int nv, int nt) {
 template <typename T>
 static std::unique_ptr<T[]> gather_values(const T* w, const int64_t* ptr, const int32_t* widx, int64_t rows,
                                           int64_t npanels) {
+  RECORD_FUNCTION("siftc.gather", std::vector<c10::IValue>());
   std::unique_ptr<T[]> vals(new T[std::max<int64_t>(ptr[npanels * rows], 1)]);
   T* v = vals.get();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
@@ -154,9 +163,18 @@ static inline int64_t row_grain(int64_t rows) {
   return std::max<int64_t>(1, (rows + nt - 1) / nt);
 }
 
+// Rows whose output tiles one pass over a tile and all panels keeps in L2: with several tiles (a conv),
+// tile-major order reads each panel's input slice while it is hot and writes each output tile once; with
+// one tile (a Linear) every row of the thread shares the panel loop, as the output is one tile per row.
+static int64_t row_block(const std::vector<Tile>& tiles) {
+  if (tiles.size() <= 1) return std::numeric_limits<int64_t>::max();
+  return 128;
+}
+
 template <typename T>
 static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
                  const T* vals, const T* bias) {
+  RECORD_FUNCTION("siftc.spmm", std::vector<c10::IValue>());
   const int64_t R = g.rows;
   const int64_t npanels = (ptr_t.numel() - 1) / R;
   const int64_t* ptr = ptr_t.data_ptr<int64_t>();
@@ -164,24 +182,27 @@ static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t
   const auto tiles = make_tiles(g, Vec<T>::lanes);
   std::vector<SpmmFn<T>> fns;
   for (const auto& t : tiles) fns.push_back(spmm_fn<T>(t.nv, t.nt));
+  const int64_t rb = row_block(tiles);
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
-    for (int64_t p = 0; p < npanels; ++p)
+    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
+      const int64_t b1 = std::min(r1, b0 + rb);
       for (size_t i = 0; i < tiles.size(); ++i)
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
-          if (p > 0 && lo == hi) continue;
-          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals, lo, hi, p == 0,
-                 bias ? bias[r] : T(0));
-        }
+        for (int64_t p = 0; p < npanels; ++p)
+          for (int64_t r = b0; r < b1; ++r) {
+            const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
+            if (p > 0 && lo == hi) continue;
+            fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals, lo, hi, p == 0,
+                   bias ? bias[r] : T(0));
+          }
+    }
   });
 }
 
 // ---- sddmm: dW at row r's entries += dot(A[r, tile], X[entry, tile]) -------------------------------------
-// MODE 0: the only tile (write the value); 1: first of several (write scratch); 2: later (add to scratch).
-template <typename T, int NV, int NT, int MODE>
+// ADD false: the entry's first tile (write the value); true: a later tile (add to it).
+template <typename T, int NV, int NT, bool ADD>
 static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geometry& g,
-                       const int32_t* __restrict code, T* __restrict vals, int64_t lo, int64_t hi,
-                       typename Vec<T>::type* __restrict scratch) {
+                       const int32_t* __restrict code, T* __restrict vals, int64_t lo, int64_t hi) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V av[NT][NV];
@@ -195,40 +216,39 @@ static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geome
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < NV; ++v) part[(t * NV + v) & 3] += av[t][v] * *(const V*)(src + t * in_w + v * L);
     const V s = (part[0] + part[1]) + (part[2] + part[3]);
-    if (MODE == 0) vals[n] = hsum<T>(s);
-    else if (MODE == 1) scratch[n - lo] = s;
-    else scratch[n - lo] += s;
+    if (ADD) vals[n] += hsum<T>(s);
+    else vals[n] = hsum<T>(s);
   }
 }
 
 template <typename T>
-using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, T*, int64_t, int64_t,
-                         typename Vec<T>::type*);
+using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, T*, int64_t, int64_t);
 
-template <typename T, int MODE>
+template <typename T, bool ADD>
 static SddmmFn<T> sddmm_fn(int nv, int nt) {
   switch (nv * 100 + nt) {
-    case 116: return sddmm_tile<T, 1, 16, MODE>;
-    case 101: return sddmm_tile<T, 1, 1, MODE>;
-    case 208: return sddmm_tile<T, 2, 8, MODE>;
-    case 201: return sddmm_tile<T, 2, 1, MODE>;
-    case 404: return sddmm_tile<T, 4, 4, MODE>;
-    case 401: return sddmm_tile<T, 4, 1, MODE>;
-    case 802: return sddmm_tile<T, 8, 2, MODE>;
-    case 801: return sddmm_tile<T, 8, 1, MODE>;
-    case 1601: return sddmm_tile<T, 16, 1, MODE>;
+    case 116: return sddmm_tile<T, 1, 16, ADD>;
+    case 101: return sddmm_tile<T, 1, 1, ADD>;
+    case 208: return sddmm_tile<T, 2, 8, ADD>;
+    case 201: return sddmm_tile<T, 2, 1, ADD>;
+    case 404: return sddmm_tile<T, 4, 4, ADD>;
+    case 401: return sddmm_tile<T, 4, 1, ADD>;
+    case 802: return sddmm_tile<T, 8, 2, ADD>;
+    case 801: return sddmm_tile<T, 8, 1, ADD>;
+    case 1601: return sddmm_tile<T, 16, 1, ADD>;
   }
   TORCH_CHECK(false, "siftc: no sddmm tile for nv=", nv, " nt=", nt);
 }
 
 // g describes A (as "out") and X (as "in"); dw is the dense weight gradient, every element written: the
-// entries' values go to an index-ordered array first (sequential stores), then dW is written row by row,
+// entries' values (one dot product per tile, summed over the tiles in the loop order of spmm, so dY is
+// read once rather than once per panel) go to an index-ordered array first (sequential stores), then dW is written row by row,
 // each row zeroed and its values stored while it is in cache, so the big buffer is streamed once instead
 // of zeroed and then hit by scattered stores that each re-read a line from memory.
 template <typename T>
 static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
                   const at::Tensor& widx_t, T* dw, int64_t row_len) {
-  using V = typename Vec<T>::type;
+  RECORD_FUNCTION("siftc.sddmm", std::vector<c10::IValue>());
   const int64_t R = g.rows;
   const int64_t npanels = (ptr_t.numel() - 1) / R;
   const int64_t* ptr = ptr_t.data_ptr<int64_t>();
@@ -237,31 +257,27 @@ static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& p
   std::unique_ptr<T[]> vals_buf(new T[std::max<int64_t>(code_t.numel(), 1)]);
   T* vals = vals_buf.get();
   const auto tiles = make_tiles(g, Vec<T>::lanes);
-  const bool single = tiles.size() == 1;
-  std::vector<SddmmFn<T>> first, later;
+  std::vector<SddmmFn<T>> assign, add;
   for (const auto& t : tiles) {
-    first.push_back(single ? sddmm_fn<T, 0>(t.nv, t.nt) : sddmm_fn<T, 1>(t.nv, t.nt));
-    later.push_back(sddmm_fn<T, 2>(t.nv, t.nt));
+    assign.push_back(sddmm_fn<T, false>(t.nv, t.nt));
+    add.push_back(sddmm_fn<T, true>(t.nv, t.nt));
   }
+  const int64_t rb = row_block(tiles);
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
-    std::vector<V> scratch;  // one vector per entry of this thread's rows in the current panel
-    for (int64_t p = 0; p < npanels; ++p) {
-      const int64_t base = ptr[p * R + r0], end = ptr[p * R + r1];
-      if (base == end) continue;
-      if (!single) scratch.resize(end - base);
+    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
+      const int64_t b1 = std::min(r1, b0 + rb);
       for (size_t i = 0; i < tiles.size(); ++i)
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
-          if (lo == hi) continue;
-          const auto fn = i == 0 ? first[i] : later[i];
-          fn(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, vals, lo, hi,
-             single ? nullptr : scratch.data() + (lo - base));
-        }
-      if (!single)
-        for (int64_t n = base; n < end; ++n) vals[n] = hsum<T>(scratch[n - base]);
+        for (int64_t p = 0; p < npanels; ++p)
+          for (int64_t r = b0; r < b1; ++r) {
+            const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
+            if (lo == hi) continue;
+            (i == 0 ? assign[i] : add[i])(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, vals,
+                                          lo, hi);
+          }
     }
   });
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    RECORD_FUNCTION("siftc.dw_write", std::vector<c10::IValue>());
     for (int64_t r = r0; r < r1; ++r) {
       std::fill(dw + r * row_len, dw + (r + 1) * row_len, T(0));  // a row is small: the stores below hit cache
       for (int64_t p = 0; p < npanels; ++p)
@@ -364,6 +380,7 @@ static ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, at::I
 // x (B, C, H, W) any strides -> (C, Hp, Wp, Bp), zero padded.
 template <typename T>
 static at::Tensor pack_input(const at::Tensor& x, const ConvShape& s) {
+  RECORD_FUNCTION("siftc.pack_x", std::vector<c10::IValue>());
   const bool pad = s.ph || s.pw || s.Bp != s.B;
   at::Tensor xp = pad ? at::zeros({s.C, s.Hp, s.Wp, s.Bp}, x.options()) : at::empty({s.C, s.Hp, s.Wp, s.Bp}, x.options());
   const int64_t ds[4] = {s.Hp * s.Wp * s.Bp, s.Wp * s.Bp, s.Bp, 1};
@@ -377,6 +394,7 @@ static at::Tensor pack_input(const at::Tensor& x, const ConvShape& s) {
 template <typename T>
 static at::Tensor unpack(const at::Tensor& buf, int64_t B, int64_t h, int64_t w, int64_t oh, int64_t ow,
                          const at::Tensor& like) {
+  RECORD_FUNCTION("siftc.unpack", std::vector<c10::IValue>());
   const int64_t Ch = buf.size(0), Hb = buf.size(1), Wb = buf.size(2), Bp = buf.size(3);
   const int64_t hh = std::min(h, Hb - oh), ww = std::min(w, Wb - ow);
   at::Tensor out = (hh < h || ww < w) ? at::zeros({B, Ch, h, w}, like.options()) : at::empty({B, Ch, h, w}, like.options());
@@ -404,6 +422,90 @@ static void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "siftc: native kernels need float32 (or float64) input and weight of one dtype, got ", x.scalar_type(),
               " and ", weight.scalar_type());
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Input gradient, one stride phase at a time. dXp[c, y, x] (padded-input coordinates) collects
+// W[o,c,kh,kw] * dY[o, (y - kh*dh)/sh, (x - kw*dw)/sw] over the kernel positions where both divisions are
+// exact, so the positions with y = ay (mod sh), x = ax (mod sw) form one phase with a fixed set of kernel
+// positions: an spmm over that phase's sub-grid of dXp, reading dY (zero padded by ceil(Q/stride), not
+// zero-dilated) through the transposed index filtered to the phase's kernel positions. Stride 1 is one
+// phase with every position; a strided conv no longer multiplies the dilation's zeros (3/4 of the work
+// at stride 2).
+template <typename T>
+static at::Tensor grad_input(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                             const ConvShape& s, const at::Tensor& tptr, const at::Tensor& tcode,
+                             const at::Tensor& twidx) {
+  const int64_t qh = (s.KH - 1) * s.dh, qw = (s.KW - 1) * s.dw;
+  const int64_t PH = ceil_div(qh, s.sh), PW = ceil_div(qw, s.sw);
+  const int64_t HD = s.Ho + 2 * PH, WD = s.Wo + 2 * PW;
+  at::Tensor d;
+  {
+    RECORD_FUNCTION("siftc.pack_dy_x", std::vector<c10::IValue>());
+    const bool pad = PH || PW || s.Bp != s.B;
+    d = pad ? at::zeros({s.O, HD, WD, s.Bp}, x.options()) : at::empty({s.O, HD, WD, s.Bp}, x.options());
+    const int64_t ds[4] = {HD * WD * s.Bp, WD * s.Bp, s.Bp, 1};
+    const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
+    const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
+    copy4d<T>(d.data_ptr<T>() + (PH * WD + PW) * s.Bp, ds, grad.const_data_ptr<T>(), ss, n);
+  }
+  // dXp over the padded-input positions [0, Hx) x [0, Wx)
+  const int64_t Hx = (s.Ho - 1) * s.sh + 1 + qh, Wx = (s.Wo - 1) * s.sw + 1 + qw;
+  at::Tensor gx = at::empty({s.C, Hx, Wx, s.Bp}, x.options());
+  const int64_t R = s.C, npanels = (tptr.numel() - 1) / R;
+  const auto vals = gather_values<T>(weight.const_data_ptr<T>(), tptr.data_ptr<int64_t>(), twidx.data_ptr<int32_t>(),
+                                     R, npanels);
+  const int64_t KK = s.KH * s.KW;
+  for (int64_t ay = 0; ay < s.sh; ++ay)
+    for (int64_t ax = 0; ax < s.sw; ++ax) {
+      const int64_t Uh = ceil_div(Hx - ay, s.sh), Uw = ceil_div(Wx - ax, s.sw);
+      if (Uh <= 0 || Uw <= 0) continue;
+      std::vector<int64_t> koff(KK, 0);
+      std::vector<char> valid(KK, 0);
+      int64_t nvalid = 0;
+      for (int64_t i = 0; i < s.KH; ++i)
+        for (int64_t j = 0; j < s.KW; ++j) {
+          const int64_t ry = ay - i * s.dh, rx = ax - j * s.dw;
+          if (ry % s.sh || rx % s.sw) continue;
+          valid[i * s.KW + j] = 1;
+          ++nvalid;
+          koff[i * s.KW + j] = ((ry / s.sh + PH) * WD + rx / s.sw + PW) * s.Bp;
+        }
+      at::Tensor ptr = tptr, code = tcode;
+      const T* pv = vals.get();
+      std::unique_ptr<T[]> fvals;
+      if (nvalid < KK) {  // keep the phase's entries, in the same (panel, row) order
+        const int64_t* p0 = tptr.data_ptr<int64_t>();
+        const int32_t* c0 = tcode.data_ptr<int32_t>();
+        ptr = at::empty({npanels * R + 1}, tptr.options());
+        int64_t* p1 = ptr.data_ptr<int64_t>();
+        int64_t m = 0;
+        for (int64_t b = 0; b < npanels * R; ++b) {
+          p1[b] = m;
+          for (int64_t e = p0[b]; e < p0[b + 1]; ++e) m += valid[c0[e] & ((1 << kCodeShift) - 1)];
+        }
+        p1[npanels * R] = m;
+        code = at::empty({std::max<int64_t>(m, 1)}, tcode.options());
+        fvals.reset(new T[std::max<int64_t>(m, 1)]);
+        int32_t* c1 = code.data_ptr<int32_t>();
+        at::parallel_for(0, npanels * R, 256, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            int64_t k = p1[b];
+            for (int64_t e = p0[b]; e < p0[b + 1]; ++e)
+              if (valid[c0[e] & ((1 << kCodeShift) - 1)]) {
+                c1[k] = c0[e];
+                fvals[k++] = pv[e];
+              }
+          }
+        });
+        pv = fvals.get();
+      }
+      Geometry g{R, Uh, Uw, s.Bp / Vec<T>::lanes, WD * s.Bp, s.Bp, s.sh * Wx * s.Bp, s.sw * s.Bp,
+                 Hx * Wx * s.Bp, HD * WD * s.Bp, koff.data()};
+      spmm<T>(d.const_data_ptr<T>(), gx.data_ptr<T>() + (ay * Wx + ax) * s.Bp, g, ptr, code, pv, nullptr);
+    }
+  return unpack<T>(gx, s.B, s.H, s.W, s.ph, s.pw, x);
 }
 
 // ---- ops ---------------------------------------------------------------------------------------------------
@@ -451,6 +553,7 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
   if (need_weight) {
     const at::Tensor xp = pack_input<T>(x, s);
     // dY as (O, Ho, Wo, Bp)
+    RECORD_FUNCTION("siftc.pack_dy_w", std::vector<c10::IValue>());
     at::Tensor a = s.Bp != s.B ? at::zeros({s.O, s.Ho, s.Wo, s.Bp}, x.options()) : at::empty({s.O, s.Ho, s.Wo, s.Bp}, x.options());
     const int64_t ds[4] = {s.Ho * s.Wo * s.Bp, s.Wo * s.Bp, s.Bp, 1};
     const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
@@ -464,30 +567,7 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
     dw = at::empty(weight.sizes(), x.options());
     sddmm<T>(a.const_data_ptr<T>(), xp.const_data_ptr<T>(), g, ptr, code, widx, dw.data_ptr<T>(), s.C * s.KH * s.KW);
   }
-  if (need_input) {
-    // dY zero-dilated by the stride and padded by Q = (K-1)*dilation, as (O, Hq, Wq, Bp)
-    const int64_t qh = (s.KH - 1) * s.dh, qw = (s.KW - 1) * s.dw;
-    const int64_t hd = (s.Ho - 1) * s.sh + 1, wd = (s.Wo - 1) * s.sw + 1;
-    const int64_t Hq = hd + 2 * qh, Wq = wd + 2 * qw;
-    const bool pad = qh || qw || s.sh > 1 || s.sw > 1 || s.Bp != s.B;
-    at::Tensor q = pad ? at::zeros({s.O, Hq, Wq, s.Bp}, x.options()) : at::empty({s.O, Hq, Wq, s.Bp}, x.options());
-    const int64_t ds[4] = {Hq * Wq * s.Bp, s.sh * Wq * s.Bp, s.sw * s.Bp, 1};
-    const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
-    const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
-    copy4d<T>(q.data_ptr<T>() + (qh * Wq + qw) * s.Bp, ds, grad.const_data_ptr<T>(), ss, n);
-    // dXp over the padded-input positions [0, hd + qh) x [0, wd + qw)
-    const int64_t Hx = hd + qh, Wx = wd + qw;
-    at::Tensor gx = at::empty({s.C, Hx, Wx, s.Bp}, x.options());
-    std::vector<int64_t> koff(s.KH * s.KW);
-    for (int64_t i = 0; i < s.KH; ++i)
-      for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = ((qh - i * s.dh) * Wq + (qw - j * s.dw)) * s.Bp;
-    Geometry g{s.C, Hx, Wx, s.Bp / Vec<T>::lanes, Wq * s.Bp, s.Bp, Wx * s.Bp, s.Bp, Hx * Wx * s.Bp,
-               Hq * Wq * s.Bp, koff.data()};
-    const auto vals = gather_values<T>(weight.const_data_ptr<T>(), tptr.data_ptr<int64_t>(), twidx.data_ptr<int32_t>(),
-                                       s.C, (tptr.numel() - 1) / s.C);
-    spmm<T>(q.const_data_ptr<T>(), gx.data_ptr<T>(), g, tptr, tcode, vals.get(), nullptr);
-    dx = unpack<T>(gx, s.B, s.H, s.W, s.ph, s.pw, x);
-  }
+  if (need_input) dx = grad_input<T>(grad, x, weight, s, tptr, tcode, twidx);
   return {dx, dw};
 }
 
