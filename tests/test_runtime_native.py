@@ -81,6 +81,8 @@ CONV_CASES = [
     (2, 3, 7, 2, 3, 1, (15, 15)),
     (5, 7, 1, 2, 0, 1, (9, 8)),            # 1x1 stride 2: three of dX's four stride phases get no kernel position
     (4, 5, (2, 3), (3, 2), (0, 1), 1, (10, 9)),  # stride larger than the kernel, unequal phases
+    (3, 4, 3, 2, 1, 1, (4, 4)),            # 4x4: the padded border of dX is most of it
+    (3, 4, 1, 1, 2, 1, (5, 3)),            # padding wider than the kernel: input positions outside dX's sum
 ]
 
 
@@ -235,8 +237,8 @@ def test_training_with_set_scheduler_matches_masked_dense():
 
 @pytest.mark.parametrize("l2_bytes", [2048, 64 * 1024])
 @pytest.mark.parametrize("batch", [1, 20])
-def test_conv_many_panels_and_row_blocks(monkeypatch, l2_bytes, batch):
-    # more than one 128-row block per thread, many column panels, strided phases: the loop orders and the
+def test_conv_many_panels(monkeypatch, l2_bytes, batch):
+    # many column panels and hundreds of rows, strided phases: the tile-major loop order and the
     # cross-tile accumulation of the weight gradient that small layers never reach
     import siftc.runtime.native as native
     monkeypatch.setattr(native, "L2_BYTES", l2_bytes)

@@ -26,7 +26,7 @@ from siftc.runtime.masked import MaskedDense
 
 L2_BYTES = 512 * 1024
 """Input bytes one tile may touch across a column panel: half of a core's L2 here (1 MiB), leaving room
-for the output tiles of a row block and the index."""
+for output tiles and the index. Measured on the ResNet-18 wide layers: 256 KiB to 2 MiB are within ~10%."""
 VECTOR_FLOATS = 256
 """Batch elements one tile holds in registers (16 AVX-512 vectors): the batch slice a Linear panel touches."""
 
@@ -86,12 +86,12 @@ class Native:
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         # panels sized by the main register tile's input footprint (csrc make_tiles): a tile's slice of a
-        # panel stays in L2 while the rows of a block reuse it
+        # panel stays in L2 while the thread's rows reuse it
         vectors = -(-b // 16) * 16 * x.element_size() // 64
         rows = (kh - 1) * dh + 1
         nv, nt = _tile(vectors, wo)
         fwd = self.index(layer, _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64), False)
-        nv, nt = _tile(vectors, -(-((wo - 1) * sw + 1 + (kw - 1) * dw) // sw))  # a stride phase of dX
+        nv, nt = _tile(vectors, -(-w // sw))  # a stride phase of dX
         index = fwd + self.index(layer, _panel(rows * (nt + (kw - 1) * dw) * nv * 64), True) + fwd
         return torch.ops.siftc.sparse_conv2d(x, layer.weight, layer.bias, list(layer.stride), list(layer.padding),
                                              list(layer.dilation), *index)

@@ -14,9 +14,9 @@
 // ptr[p*R + r] .. ptr[p*R + r + 1] are row r's entries in panel p, and panel p holds groups
 // [p*P, (p+1)*P) with P = ceil(groups / panels). An entry stores code = group << 8 | kernel_position
 // (group = input channel for the forward index, output channel for the transposed one) and widx = its
-// flat position in the dense weight. A pass walks row blocks, then tiles of output positions x batch
-// vectors, then panels, then the block's rows (see row_block), so each tile's input slice over a panel is
-// read from L2 and each output tile is written once. Values are gathered from the dense weight at call time, so optimizer
+// flat position in the dense weight. A thread's pass walks tiles of output positions x batch vectors,
+// then panels, then its rows, so each tile's input slice over a panel is read from L2 while every row
+// uses it, and each output tile stays in cache across the panels (a Linear has one tile: panel-major). Values are gathered from the dense weight at call time, so optimizer
 // updates need no index rebuild. Weights inside the mask that are exactly zero stay in the index.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,7 +28,6 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 #include <memory>
 #include <vector>
@@ -163,14 +162,6 @@ static inline int64_t row_grain(int64_t rows) {
   return std::max<int64_t>(1, (rows + nt - 1) / nt);
 }
 
-// Rows whose output tiles one pass over a tile and all panels keeps in L2: with several tiles (a conv),
-// tile-major order reads each panel's input slice while it is hot and writes each output tile once; with
-// one tile (a Linear) every row of the thread shares the panel loop, as the output is one tile per row.
-static int64_t row_block(const std::vector<Tile>& tiles) {
-  if (tiles.size() <= 1) return std::numeric_limits<int64_t>::max();
-  return 128;
-}
-
 template <typename T>
 static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
                  const T* vals, const T* bias) {
@@ -182,19 +173,15 @@ static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t
   const auto tiles = make_tiles(g, Vec<T>::lanes);
   std::vector<SpmmFn<T>> fns;
   for (const auto& t : tiles) fns.push_back(spmm_fn<T>(t.nv, t.nt));
-  const int64_t rb = row_block(tiles);
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
-    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
-      const int64_t b1 = std::min(r1, b0 + rb);
-      for (size_t i = 0; i < tiles.size(); ++i)
-        for (int64_t p = 0; p < npanels; ++p)
-          for (int64_t r = b0; r < b1; ++r) {
-            const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
-            if (p > 0 && lo == hi) continue;
-            fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals, lo, hi, p == 0,
-                   bias ? bias[r] : T(0));
-          }
-    }
+    for (size_t i = 0; i < tiles.size(); ++i)
+      for (int64_t p = 0; p < npanels; ++p)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
+          if (p > 0 && lo == hi) continue;
+          fns[i](in + tiles[i].in_off, out + r * g.out_row + tiles[i].out_off, g, code, vals, lo, hi, p == 0,
+                 bias ? bias[r] : T(0));
+        }
   });
 }
 
@@ -262,19 +249,15 @@ static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& p
     assign.push_back(sddmm_fn<T, false>(t.nv, t.nt));
     add.push_back(sddmm_fn<T, true>(t.nv, t.nt));
   }
-  const int64_t rb = row_block(tiles);
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
-    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
-      const int64_t b1 = std::min(r1, b0 + rb);
-      for (size_t i = 0; i < tiles.size(); ++i)
-        for (int64_t p = 0; p < npanels; ++p)
-          for (int64_t r = b0; r < b1; ++r) {
-            const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
-            if (lo == hi) continue;
-            (i == 0 ? assign[i] : add[i])(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, vals,
-                                          lo, hi);
-          }
-    }
+    for (size_t i = 0; i < tiles.size(); ++i)
+      for (int64_t p = 0; p < npanels; ++p)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
+          if (lo == hi) continue;
+          (i == 0 ? assign[i] : add[i])(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, vals,
+                                        lo, hi);
+        }
   });
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     RECORD_FUNCTION("siftc.dw_write", std::vector<c10::IValue>());
@@ -377,12 +360,35 @@ static ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, at::I
   return s;
 }
 
+// An uninitialised (C, Hb, Wb, Bp) buffer whose interior [oh, oh + h) x [ow, ow + w) is about to be written
+// for the first B of Bp lanes: zero only the rest, instead of zeroing all of it and writing the interior
+// twice (a padded 3x3 layer's border is a few percent of the buffer).
+template <typename T>
+static at::Tensor empty_zero_border(int64_t C, int64_t Hb, int64_t Wb, int64_t Bp, int64_t B, int64_t oh, int64_t ow,
+                                    int64_t h, int64_t w, const at::TensorOptions& opt) {
+  if (B != Bp) return at::zeros({C, Hb, Wb, Bp}, opt);  // the batch padding is inside every position
+  at::Tensor buf = at::empty({C, Hb, Wb, Bp}, opt);
+  if (oh == 0 && ow == 0 && h == Hb && w == Wb) return buf;
+  T* base = buf.data_ptr<T>();
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* ch = base + c * Hb * Wb * Bp;
+      std::fill(ch, ch + oh * Wb * Bp, T(0));
+      std::fill(ch + (oh + h) * Wb * Bp, ch + Hb * Wb * Bp, T(0));
+      for (int64_t i = oh; i < oh + h; ++i) {
+        std::fill(ch + i * Wb * Bp, ch + (i * Wb + ow) * Bp, T(0));
+        std::fill(ch + (i * Wb + ow + w) * Bp, ch + (i + 1) * Wb * Bp, T(0));
+      }
+    }
+  });
+  return buf;
+}
+
 // x (B, C, H, W) any strides -> (C, Hp, Wp, Bp), zero padded.
 template <typename T>
 static at::Tensor pack_input(const at::Tensor& x, const ConvShape& s) {
   RECORD_FUNCTION("siftc.pack_x", std::vector<c10::IValue>());
-  const bool pad = s.ph || s.pw || s.Bp != s.B;
-  at::Tensor xp = pad ? at::zeros({s.C, s.Hp, s.Wp, s.Bp}, x.options()) : at::empty({s.C, s.Hp, s.Wp, s.Bp}, x.options());
+  at::Tensor xp = empty_zero_border<T>(s.C, s.Hp, s.Wp, s.Bp, s.B, s.ph, s.pw, s.H, s.W, x.options());
   const int64_t ds[4] = {s.Hp * s.Wp * s.Bp, s.Wp * s.Bp, s.Bp, 1};
   const int64_t ss[4] = {x.stride(1), x.stride(2), x.stride(3), x.stride(0)};
   const int64_t n[4] = {s.C, s.H, s.W, s.B};
@@ -443,15 +449,16 @@ static at::Tensor grad_input(const at::Tensor& grad, const at::Tensor& x, const 
   at::Tensor d;
   {
     RECORD_FUNCTION("siftc.pack_dy_x", std::vector<c10::IValue>());
-    const bool pad = PH || PW || s.Bp != s.B;
-    d = pad ? at::zeros({s.O, HD, WD, s.Bp}, x.options()) : at::empty({s.O, HD, WD, s.Bp}, x.options());
+    d = empty_zero_border<T>(s.O, HD, WD, s.Bp, s.B, PH, PW, s.Ho, s.Wo, x.options());
     const int64_t ds[4] = {HD * WD * s.Bp, WD * s.Bp, s.Bp, 1};
     const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
     const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
     copy4d<T>(d.data_ptr<T>() + (PH * WD + PW) * s.Bp, ds, grad.const_data_ptr<T>(), ss, n);
   }
-  // dXp over the padded-input positions [0, Hx) x [0, Wx)
-  const int64_t Hx = (s.Ho - 1) * s.sh + 1 + qh, Wx = (s.Wo - 1) * s.sw + 1 + qw;
+  // dX over the input positions the forward reads, [0, Hx) x [0, Wx) (the rest stays zero): the
+  // padded border is not computed, which at 4x4 would be more than the interior.
+  const int64_t Hx = std::max<int64_t>(0, std::min(s.H, (s.Ho - 1) * s.sh + 1 + qh - s.ph));
+  const int64_t Wx = std::max<int64_t>(0, std::min(s.W, (s.Wo - 1) * s.sw + 1 + qw - s.pw));
   at::Tensor gx = at::empty({s.C, Hx, Wx, s.Bp}, x.options());
   const int64_t R = s.C, npanels = (tptr.numel() - 1) / R;
   const auto vals = gather_values<T>(weight.const_data_ptr<T>(), tptr.data_ptr<int64_t>(), twidx.data_ptr<int32_t>(),
@@ -466,7 +473,7 @@ static at::Tensor grad_input(const at::Tensor& grad, const at::Tensor& x, const 
       int64_t nvalid = 0;
       for (int64_t i = 0; i < s.KH; ++i)
         for (int64_t j = 0; j < s.KW; ++j) {
-          const int64_t ry = ay - i * s.dh, rx = ax - j * s.dw;
+          const int64_t ry = s.ph + ay - i * s.dh, rx = s.pw + ax - j * s.dw;  // padded-input coordinates
           if (ry % s.sh || rx % s.sw) continue;
           valid[i * s.KW + j] = 1;
           ++nvalid;
@@ -505,7 +512,7 @@ static at::Tensor grad_input(const at::Tensor& grad, const at::Tensor& x, const 
                  Hx * Wx * s.Bp, HD * WD * s.Bp, koff.data()};
       spmm<T>(d.const_data_ptr<T>(), gx.data_ptr<T>() + (ay * Wx + ax) * s.Bp, g, ptr, code, pv, nullptr);
     }
-  return unpack<T>(gx, s.B, s.H, s.W, s.ph, s.pw, x);
+  return unpack<T>(gx, s.B, s.H, s.W, 0, 0, x);
 }
 
 // ---- ops ---------------------------------------------------------------------------------------------------
