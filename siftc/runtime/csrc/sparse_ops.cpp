@@ -439,22 +439,36 @@ static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // zero-dilated) through the transposed index filtered to the phase's kernel positions. Stride 1 is one
 // phase with every position; a strided conv no longer multiplies the dilation's zeros (3/4 of the work
 // at stride 2).
+// dY (B, O, Ho, Wo) any strides -> (O, Ho + 2 PH, Wo + 2 PW, Bp), zero padded by PH = ceil((KH-1)*dh / sh)
+// (PW likewise): the input gradient's operand, and, through its interior, the weight gradient's.
+struct PackedGrad {
+  at::Tensor d;
+  int64_t PH, PW, HD, WD;
+};
+
 template <typename T>
-static at::Tensor grad_input(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+static PackedGrad pack_grad(const at::Tensor& grad, const ConvShape& s) {
+  RECORD_FUNCTION("siftc.pack_dy", std::vector<c10::IValue>());
+  PackedGrad p;
+  p.PH = ceil_div((s.KH - 1) * s.dh, s.sh);
+  p.PW = ceil_div((s.KW - 1) * s.dw, s.sw);
+  p.HD = s.Ho + 2 * p.PH;
+  p.WD = s.Wo + 2 * p.PW;
+  p.d = empty_zero_border<T>(s.O, p.HD, p.WD, s.Bp, s.B, p.PH, p.PW, s.Ho, s.Wo, grad.options());
+  const int64_t ds[4] = {p.HD * p.WD * s.Bp, p.WD * s.Bp, s.Bp, 1};
+  const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
+  const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
+  copy4d<T>(p.d.data_ptr<T>() + (p.PH * p.WD + p.PW) * s.Bp, ds, grad.const_data_ptr<T>(), ss, n);
+  return p;
+}
+
+template <typename T>
+static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at::Tensor& weight,
                              const ConvShape& s, const at::Tensor& tptr, const at::Tensor& tcode,
                              const at::Tensor& twidx) {
   const int64_t qh = (s.KH - 1) * s.dh, qw = (s.KW - 1) * s.dw;
-  const int64_t PH = ceil_div(qh, s.sh), PW = ceil_div(qw, s.sw);
-  const int64_t HD = s.Ho + 2 * PH, WD = s.Wo + 2 * PW;
-  at::Tensor d;
-  {
-    RECORD_FUNCTION("siftc.pack_dy_x", std::vector<c10::IValue>());
-    d = empty_zero_border<T>(s.O, HD, WD, s.Bp, s.B, PH, PW, s.Ho, s.Wo, x.options());
-    const int64_t ds[4] = {HD * WD * s.Bp, WD * s.Bp, s.Bp, 1};
-    const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
-    const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
-    copy4d<T>(d.data_ptr<T>() + (PH * WD + PW) * s.Bp, ds, grad.const_data_ptr<T>(), ss, n);
-  }
+  const int64_t PH = pg.PH, PW = pg.PW, HD = pg.HD, WD = pg.WD;
+  const at::Tensor& d = pg.d;
   // dX over the input positions the forward reads, [0, Hx) x [0, Wx) (the rest stays zero): the
   // padded border is not computed, which at 4x4 would be more than the interior.
   const int64_t Hx = std::max<int64_t>(0, std::min(s.H, (s.Ho - 1) * s.sh + 1 + qh - s.ph));
@@ -557,24 +571,20 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
                                                              bool need_input, bool need_weight) {
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options());
+  const PackedGrad pg = pack_grad<T>(grad, s);
   if (need_weight) {
     const at::Tensor xp = pack_input<T>(x, s);
-    // dY as (O, Ho, Wo, Bp)
-    RECORD_FUNCTION("siftc.pack_dy_w", std::vector<c10::IValue>());
-    at::Tensor a = s.Bp != s.B ? at::zeros({s.O, s.Ho, s.Wo, s.Bp}, x.options()) : at::empty({s.O, s.Ho, s.Wo, s.Bp}, x.options());
-    const int64_t ds[4] = {s.Ho * s.Wo * s.Bp, s.Wo * s.Bp, s.Bp, 1};
-    const int64_t ss[4] = {grad.stride(1), grad.stride(2), grad.stride(3), grad.stride(0)};
-    const int64_t n[4] = {s.O, s.Ho, s.Wo, s.B};
-    copy4d<T>(a.data_ptr<T>(), ds, grad.const_data_ptr<T>(), ss, n);
     std::vector<int64_t> koff(s.KH * s.KW);
     for (int64_t i = 0; i < s.KH; ++i)
       for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = (i * s.dh * s.Wp + j * s.dw) * s.Bp;
-    Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, s.Wo * s.Bp, s.Bp,
-               s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
+    // A = dY: the interior of the padded dY
+    Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, pg.WD * s.Bp, s.Bp,
+               pg.HD * pg.WD * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
     dw = at::empty(weight.sizes(), x.options());
-    sddmm<T>(a.const_data_ptr<T>(), xp.const_data_ptr<T>(), g, ptr, code, widx, dw.data_ptr<T>(), s.C * s.KH * s.KW);
+    sddmm<T>(pg.d.const_data_ptr<T>() + (pg.PH * pg.WD + pg.PW) * s.Bp, xp.const_data_ptr<T>(), g, ptr, code, widx,
+             dw.data_ptr<T>(), s.C * s.KH * s.KW);
   }
-  if (need_input) dx = grad_input<T>(grad, x, weight, s, tptr, tcode, twidx);
+  if (need_input) dx = grad_input<T>(pg, x, weight, s, tptr, tcode, twidx);
   return {dx, dw};
 }
 
