@@ -16,8 +16,13 @@
 // (group = input channel for the forward index, output channel for the transposed one) and widx = its
 // flat position in the dense weight. A thread's pass walks tiles of output positions x batch vectors,
 // then panels, then its rows, so each tile's input slice over a panel is read from L2 while every row
-// uses it, and each output tile stays in cache across the panels (a Linear has one tile: panel-major). Values are gathered from the dense weight at call time, so optimizer
-// updates need no index rebuild. Weights inside the mask that are exactly zero stay in the index.
+// uses it, and each output tile stays in cache across the panels (a Linear has one tile: panel-major).
+// Values are gathered from the dense weight at call time, so optimizer updates need no index rebuild.
+// Weights inside the mask that are exactly zero stay in the index.
+//
+// Each phase (siftc.pack_x, siftc.spmm, siftc.sddmm, siftc.gather, siftc.pack_dy, siftc.unpack,
+// siftc.dw_write) is a RECORD_FUNCTION scope, so torch.profiler splits a step into them; when no profiler
+// is active a scope costs a flag check.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
