@@ -3,7 +3,7 @@
 Two tasks on the shipped data (examples/make_data.py writes it, offline): the MLP on 8x8 digits and the
 byte-level GPT on Python standard-library text. Three seeds each (the seed sets the conversion's masks
 and init, the data order and RigL's draws). Prints, per configuration, the final validation loss and
-accuracy (mean and standard deviation over seeds), training steps/s (best of 3 timing windows) on the
+accuracy (mean and standard deviation over seeds), training steps/s (median of 5 timing windows) on the
 native sparse runtime and on masked dense ("torch"), and the training FLOPs (sparse forward + backward
 + RigL's dense-gradient steps) next to the dense model's. Writes benchmarks/results/iso_flop_training.json.
 
@@ -58,9 +58,9 @@ def convert(spec: str, sparsity: float, seed: int, out: Path) -> str:
     raise error
 
 
-def steps_per_s(artifact: Path, backend: str, batch: int, timed: int, repeats: int = 3) -> float:
-    """Training steps/s of the model on `backend` (forward, backward, AdamW) after warm-up: the best of
-    `repeats` windows of `timed` steps, since other work on shared cores only ever slows a window."""
+def steps_per_s(artifact: Path, backend: str, batch: int, timed: int, repeats: int = 5) -> float:
+    """Training steps/s of the model on `backend` (forward, backward, AdamW) after warm-up: the median of
+    `repeats` windows of `timed` steps."""
     model = set_backend(siftc.load(artifact), backend)
     x0 = model.siftc_info.example_inputs[0]
     if torch.is_floating_point(x0):
@@ -79,13 +79,23 @@ def steps_per_s(artifact: Path, backend: str, batch: int, timed: int, repeats: i
 
     for _ in range(max(3, timed // 5)):
         step()
-    best = 0.0
+    rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(timed):
             step()
-        best = max(best, timed / (time.perf_counter() - t0))
-    return best
+        rates.append(timed / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _commit() -> str | None:
+    """The checkout's commit, so a table can say which kernels it measured."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def mean_sd(values):
@@ -96,7 +106,7 @@ def run(quick: bool) -> dict:
     torch.set_num_threads(1)
     seeds = SEEDS[:1] if quick else SEEDS
     results = {"machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
-               "torch": torch.__version__, "threads": 1, "seeds": list(seeds), "tasks": {}}
+               "torch": torch.__version__, "threads": 1, "seeds": list(seeds), "commit": _commit(), "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="siftc-bench-") as tmp:
         tmp = Path(tmp)
         for task, t in TASKS.items():

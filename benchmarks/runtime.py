@@ -10,7 +10,7 @@ the dense 128->128 conv for the conv rows, the dense ResNet-18 step for the ResN
   dense        plain nn.Linear / nn.Conv2d of the row's shape (for a wide row: the wide layer, dense)
   masked       siftc --backend torch: W*mask then the dense op (computes all the zeros)
   csr          torch.sparse CSR weight @ X^T (Linear only)
-  sparseprop   SparseProp's kernels (pip install sparseprop), through siftc's sparseprop backend
+  sparseprop   SparseProp's kernels (install: siftc.runtime.sparseprop_backend.INSTALL), through siftc's sparseprop backend
   native       siftc's kernels
 A "wide" row is the iso-FLOP Sparse Wide layer: width * sqrt(1/(1-s)), non-zeros = the dense layer's
 weight count, so its ideal cost is 1.0x the dense base. The ResNet-18 row is one training step (forward,
