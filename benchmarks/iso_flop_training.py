@@ -162,8 +162,10 @@ def table(results: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps: check the script runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iso_flop_training.json"))
+    ap.add_argument("--quick", action="store_true",
+                    help="1 seed, 40 steps: check the script runs (writes no JSON unless --out is given)")
+    ap.add_argument("--out", default=None,
+                    help="JSON to write [default: benchmarks/results/iso_flop_training.json for a full run]")
     args = ap.parse_args()
     for t in TASKS.values():
         if not (ROOT / t["data"]).is_file():
@@ -171,11 +173,13 @@ def main():
     t0 = time.perf_counter()
     results = run(args.quick)
     results["elapsed_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
     print(table(results))
-    print(f"\n{len(results['seeds'])} seed(s), {results['elapsed_s'] / 60:.1f} min; wrote {out}")
+    out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "iso_flop_training.json")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+    print(f"\n{len(results['seeds'])} seed(s), {results['elapsed_s'] / 60:.1f} min; "
+          f"{f'wrote {out}' if out else 'no JSON written (--quick)'}")
 
 
 if __name__ == "__main__":
