@@ -133,14 +133,53 @@ def export_controls(d) -> str:
                                          "turns faster than defaults", "÷ dense", "supported fraction"], rows))
 
 
+def glance(results: dict) -> str:
+    """One line per issue target, computed from the same JSON as the tables."""
+    lines = []
+    ct = results.get("convert_time")
+    if ct:
+        rn = [r["median_s"] for r in ct["rows"] if r["model"].startswith("resnet18")]
+        lines.append(f"- Conversion of ResNet-18: {min(rn):.2f}–{max(rn):.2f} s per kind (target < "
+                     f"{ct['meta']['target_resnet18_s']:g} s: {'met' if max(rn) < ct['meta']['target_resnet18_s'] else 'missed'}).")
+    rt = results.get("runtime")
+    if rt:
+        missed = [t for t in rt["targets"] if not t["met"]]
+        step = next((t for t in rt["targets"] if "ResNet-18" in t["target"]), None)
+        wide = next((t for t in rt["targets"] if t["target"].startswith("Wide Linear s=0.9")), None)
+        verdict = lambda t: "met" if t["met"] else "missed"
+        lines.append(f"- Sparse training runtime: {len(rt['targets']) - len(missed)} of {len(rt['targets'])} "
+                     f"targets met. ResNet-18 Sparse Wide 90% training step {step['value']:.2f}× the dense step "
+                     f"(target 3×: {verdict(step)}); iso-FLOP wide 90% Linear fwd+bwd {wide['value']:.2f}× the "
+                     f"dense layer (target 2×: {verdict(wide)}). The roofline below says what limits them.")
+    inf = results.get("inference")
+    if inf and "resnet18" in inf:
+        p90 = next(p for p in inf["resnet18"]["sweep"]["points"] if p["sparsity"] == 0.9)
+        fr = min(r.get("supported_fraction", 1.0) for r in inf["resnet18"]["results"] if r["engine"] == "deepsparse")
+        lines.append(f"- Inference, Sparse Wide 90% ResNet-18 (224×224, batch 64) on DeepSparse: "
+                     f"{p90['relative']['deepsparse']:.2f}× the dense model (target ≤ 4.0×), "
+                     f"{p90['deepsparse_speedup_vs_onnxruntime']:.2f}× faster than ONNX Runtime on the same file "
+                     f"(target ≥ 5.2×, the paper's figure), supported fraction {fr:g} (target 1.0).")
+    tr = results.get("iso_flop_training")
+    if tr:
+        parts = []
+        for task, configs in tr["tasks"].items():
+            dense = next(c for c in configs if c["config"] == "dense")
+            best = min((c for c in configs if c["config"] != "dense"), key=lambda c: c["val_loss"][0])
+            parts.append(f"{task}: {best['config']} val loss {best['val_loss'][0]:.4f} vs dense "
+                         f"{dense['val_loss'][0]:.4f} at {best['flop_ratio']:.3f}× the training FLOPs")
+        lines.append("- Iso-FLOP training (mean of seeds): " + "; ".join(parts) + ".")
+    return "**At a glance**\n\n" + "\n".join(lines)
+
+
 SECTIONS = [("convert_time", convert_time), ("runtime", runtime), ("iso_flop_training", iso_flop_training),
             ("inference", inference), ("export_controls", export_controls)]
 
 
 def render() -> str:
-    out = []
+    results = {name: _load(name) for name, _ in SECTIONS}
+    out = [glance({k: v for k, v in results.items() if v is not None})]
     for name, fn in SECTIONS:
-        d = _load(name)
+        d = results[name]
         out.append(fn(d) if d is not None else f"**{name}**: no `benchmarks/results/{name}.json` yet (not run).")
     return "\n\n".join(out)
 
