@@ -145,41 +145,47 @@ def test_unsupported_dtype_falls_back():
 def test_gradcheck_linear_double():
     layer = SparseLinear(7, 5, nnz=15).double()
     nat = BACKENDS["native"]
-    ptrs = nat.index(layer, 4, False) + nat.index(layer, 2, True) + nat.index(layer, 1, False)
+    ptrs = nat.indexes(layer, 4, 2)[:6] + nat.index(layer, 1, False)
     x = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.siftc.sparse_linear(x, w, b, *ptrs), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.siftc.sparse_linear(x, w, b, *ptrs)[0], (x, w, b))
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 1), (1, 2))])
 def test_gradcheck_conv_double(stride, padding, dilation):
     layer = SparseConv2d(3, 4, 3, nnz=50).double()
     nat = BACKENDS["native"]
-    ptrs = nat.index(layer, 2, False) + nat.index(layer, 3, True) + nat.index(layer, 1, False)
+    ptrs = nat.indexes(layer, 2, 3)[:6] + nat.index(layer, 1, False)
     x = torch.randn(2, 3, 6, 5, dtype=torch.double, requires_grad=True)
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
 
     def f(x, w, b):
-        return torch.ops.siftc.sparse_conv2d(x, w, b, list(stride), list(padding), list(dilation), *ptrs)
+        return torch.ops.siftc.sparse_conv2d(x, w, b, list(stride), list(padding), list(dilation), *ptrs)[0]
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
 def test_opcheck_ops():
     lin = SparseLinear(20, 12, nnz=90)
     nat = BACKENDS["native"]
-    idx = nat.index(lin, 8, False) + nat.index(lin, 4, True) + nat.index(lin, 8, False)
+    idx = nat.indexes(lin, 8, 4)
     x = torch.randn(5, 20, requires_grad=True)
     torch.library.opcheck(torch.ops.siftc.sparse_linear.default, (x, lin.weight, lin.bias, *idx))
     conv = SparseConv2d(3, 5, 3, stride=2, padding=1, nnz=60)
-    cidx = nat.index(conv, 2, False) + nat.index(conv, 2, True) + nat.index(conv, 1, False)
+    cidx = nat.indexes(conv, 2, 2)[:6] + nat.index(conv, 1, False)
     xc = torch.randn(3, 3, 7, 6, requires_grad=True)
     torch.library.opcheck(torch.ops.siftc.sparse_conv2d.default,
                           (xc, conv.weight, conv.bias, [2, 2], [1, 1], [1, 1], *cidx))
     g = torch.randn(5, 12)
+    _, xp, vals = torch.ops.siftc.sparse_linear(x.detach(), lin.weight.detach(), lin.bias.detach(), *idx)
     torch.library.opcheck(torch.ops.siftc.sparse_linear_backward.default,
-                          (g, x.detach(), lin.weight.detach(), *idx[3:], True, True))
+                          (g, x.detach(), xp, vals, lin.weight.detach(), *idx[3:], True, True))
+    gc = torch.randn(3, 5, 4, 3)
+    _, xp, vals = torch.ops.siftc.sparse_conv2d(xc.detach(), conv.weight.detach(), None, [2, 2], [1, 1], [1, 1], *cidx)
+    torch.library.opcheck(torch.ops.siftc.sparse_conv2d_backward.default,
+                          (gc, xc.detach(), xp, vals, conv.weight.detach(), [2, 2], [1, 1], [1, 1], *cidx[3:], True,
+                           True))
 
 
 def test_index_rebuilt_on_mask_change_and_regrown_zero_weights_get_gradient():
@@ -255,3 +261,57 @@ def test_linear_several_batch_tiles_many_panels(monkeypatch, batch):
     monkeypatch.setitem(BACKENDS, "native", native.Native())
     layer = SparseLinear(300, 290, nnz=nnz_for(300 * 290, 0.9))
     assert_parity(layer, torch.randn(batch, 300))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_backward_uses_each_forwards_own_values(kind):
+    # the backward reads the values its forward gathered (and the input it packed), not the weight as it
+    # is at backward time: two forwards with different weights, one backward, both input gradients exact
+    if kind == "linear":
+        layer, x = SparseLinear(40, 30, nnz=300), torch.randn(9, 40)
+    else:
+        layer, x = SparseConv2d(5, 7, 3, stride=2, padding=1, nnz=120), torch.randn(5, 5, 9, 8)
+    w1 = layer.weight.detach().clone()
+    w2 = torch.randn_like(w1)
+    grads = []
+    for backend in ("torch", "native"):
+        set_backend(layer, backend)
+        xg = x.clone().requires_grad_()
+        layer.weight = torch.nn.Parameter(w1.clone())
+        y1 = layer(xg)
+        layer.weight = torch.nn.Parameter(w2.clone())
+        y2 = layer(xg)
+        (y1.square().sum() + 3 * y2.sum()).backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=RTOL, atol=ATOL * max(1.0, grads[0].abs().max().item()))
+
+
+@pytest.mark.parametrize("panels", [(1, 3), (3, 1), (2, 2)])
+def test_conv_transposed_source_rebuilt_on_mask_change(panels):
+    # tsrc maps the transposed index to the forward's values; it is cached per mask version and per pair
+    # of panel widths, and must follow a new mask
+    layer = SparseConv2d(6, 9, 3, padding=1, nnz=150)
+    nat = BACKENDS["native"]
+    x = torch.randn(4, 6, 5, 5, dtype=torch.double, requires_grad=True)
+    layer = layer.double()
+    for step in range(2):
+        idx = nat.indexes(layer, *panels)
+        tptr, tcode, tsrc = idx[3:6]
+        fwd_widx = idx[2]
+        # entry by entry, the value tsrc points at is the weight at the transposed entry's position
+        twidx = nat.index(layer, panels[1], True)[2]
+        assert torch.equal(fwd_widx[tsrc.long()], twidx)
+        w = layer.weight.detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda x, w: torch.ops.siftc.sparse_conv2d(x, w, None, [1, 1], [1, 1], [1, 1], *idx)[0], (x, w))
+        layer.set_mask(random_mask(layer.weight.shape, 200 - 100 * step, generator=torch.Generator().manual_seed(3)))
+
+
+def test_backward_rejects_a_packed_input_of_another_shape():
+    layer = SparseLinear(12, 8, nnz=40)
+    idx = BACKENDS["native"].indexes(layer, 4, 4)
+    x = torch.randn(5, 12)
+    _, xp, vals = torch.ops.siftc.sparse_linear(x, layer.weight.detach(), None, *idx)
+    with pytest.raises(RuntimeError, match="packed input"):
+        torch.ops.siftc.sparse_linear_backward(torch.randn(5, 8), x, xp[:6], vals, layer.weight.detach(), *idx[3:],
+                                               True, True)

@@ -5,6 +5,9 @@ The C++ library defines the ops and their CPU kernels; `register()` runs once, r
 return the input gradient and a dense weight gradient that is exactly zero outside the mask; the bias
 gradient is a plain sum. The index tensors are integer inputs and get no gradient. Each op takes three
 indexes (forward, grad input, grad weight; see csrc/sparse_ops.cpp); the forward saves the last two.
+The forward ops return (y, xp, vals): besides the output, the packed input and the gathered non-zero
+values, which autograd saves (non-differentiable) so the backward neither packs x nor reads the dense
+weight again.
 """
 import torch
 
@@ -13,6 +16,11 @@ _registered = False
 
 def _conv_out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _batch_pad(b):
+    """The packed layout's batch: b rounded up to 16 (kBatchPad in csrc/sparse_ops.cpp), at least 16."""
+    return -(-torch.sym_max(b, 1) // 16) * 16
 
 
 def register():
@@ -33,36 +41,42 @@ def register():
                 mask.new_empty(nnz, dtype=torch.int32))
 
     @lib.register_fake("siftc::sparse_linear")
-    def _(x, weight, bias, *index):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, bias, ptr, code, *index):
+        n, c = x.shape
+        return (x.new_empty(n, weight.shape[0]), x.new_empty(c, 1, 1, _batch_pad(n)),  # y, xp
+                x.new_empty(code.shape))  # vals
 
     @lib.register_fake("siftc::sparse_linear_backward")
-    def _(grad, x, weight, tptr, tcode, twidx, wptr, wcode, wwidx, need_input, need_weight):
+    def _(grad, x, xp, vals, weight, tptr, tcode, tsrc, wptr, wcode, wwidx, need_input, need_weight):
         return (x.new_empty(x.shape) if need_input else x.new_empty(0),
                 x.new_empty(weight.shape) if need_weight else x.new_empty(0))
 
     @lib.register_fake("siftc::sparse_conv2d")
-    def _(x, weight, bias, stride, padding, dilation, *index):
-        b, _, h, w = x.shape
+    def _(x, weight, bias, stride, padding, dilation, ptr, code, *index):
+        b, c, h, w = x.shape
         o, _, kh, kw = weight.shape
-        return x.new_empty(b, o, _conv_out(h, kh, stride[0], padding[0], dilation[0]),
-                           _conv_out(w, kw, stride[1], padding[1], dilation[1]))
+        y = x.new_empty(b, o, _conv_out(h, kh, stride[0], padding[0], dilation[0]),
+                        _conv_out(w, kw, stride[1], padding[1], dilation[1]))
+        xp = x.new_empty(c, h + 2 * padding[0], w + 2 * padding[1], _batch_pad(b))
+        return y, xp, x.new_empty(code.shape)
 
     @lib.register_fake("siftc::sparse_conv2d_backward")
-    def _(grad, x, weight, stride, padding, dilation, tptr, tcode, twidx, wptr, wcode, wwidx, need_input,
+    def _(grad, x, xp, vals, weight, stride, padding, dilation, tptr, tcode, tsrc, wptr, wcode, wwidx, need_input,
           need_weight):
         return (x.new_empty(x.shape) if need_input else x.new_empty(0),
                 x.new_empty(weight.shape) if need_weight else x.new_empty(0))
 
     def linear_setup(ctx, inputs, output):
         x, weight, bias, *index = inputs
-        ctx.save_for_backward(x, weight, *index[3:])  # the grad-input and grad-weight indexes
+        _, xp, vals = output
+        ctx.mark_non_differentiable(xp, vals)
+        ctx.save_for_backward(x, xp, vals, weight, *index[3:])  # the grad-input and grad-weight indexes
         ctx.has_bias = bias is not None
 
-    def linear_backward(ctx, grad):
-        x, weight, *index = ctx.saved_tensors
+    def linear_backward(ctx, grad, _grad_xp, _grad_vals):
+        x, xp, vals, weight, *index = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw = torch.ops.siftc.sparse_linear_backward(grad, x, weight, *index, need_x, need_w)
+        dx, dw = torch.ops.siftc.sparse_linear_backward(grad, x, xp, vals, weight, *index, need_x, need_w)
         db = grad.sum(0) if need_b and ctx.has_bias else None
         return (dx if need_x else None, dw if need_w else None, db) + (None,) * 9
 
@@ -70,14 +84,17 @@ def register():
 
     def conv_setup(ctx, inputs, output):
         x, weight, bias, stride, padding, dilation, *index = inputs
-        ctx.save_for_backward(x, weight, *index[3:])
+        _, xp, vals = output
+        ctx.mark_non_differentiable(xp, vals)
+        ctx.save_for_backward(x, xp, vals, weight, *index[3:])
         ctx.conv = (stride, padding, dilation)
         ctx.has_bias = bias is not None
 
-    def conv_backward(ctx, grad):
-        x, weight, *index = ctx.saved_tensors
+    def conv_backward(ctx, grad, _grad_xp, _grad_vals):
+        x, xp, vals, weight, *index = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw = torch.ops.siftc.sparse_conv2d_backward(grad, x, weight, *ctx.conv, *index, need_x, need_w)
+        dx, dw = torch.ops.siftc.sparse_conv2d_backward(grad, x, xp, vals, weight, *ctx.conv, *index, need_x,
+                                                        need_w)
         db = grad.sum((0, 2, 3)) if need_b and ctx.has_bias else None
         return (dx if need_x else None, dw if need_w else None, db) + (None,) * 12
 

@@ -10,8 +10,9 @@ Inputs the kernels do not take (not on CPU, not float32/float64, autocast, group
 padding modes) run on the masked-dense reference instead, so a model never fails because of its backend.
 
 Costs that stay dense because the layer's contract is a dense `weight` Parameter: the weight gradient is
-a dense tensor (zeros plus the non-zeros, written row by row), and each pass gathers the non-zero values
-out of the dense weight. For wide layers these are O(numel) memory passes. A fresh weight-sized gradient
+a dense tensor (zeros plus the non-zeros, written row by row), and the forward gathers the non-zero values
+out of the dense weight (the backward reorders the forward's values instead, through `tsrc`). For wide
+layers these are O(numel) memory passes. A fresh weight-sized gradient
 buffer is also page-faulted in on every backward: THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge-page allocation)
 makes that several times cheaper, and letting glibc keep freed memory (MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_ set high, or mallopt) removes it; benchmarks/runtime.py does both, for all columns.
@@ -65,15 +66,28 @@ class Native:
                 entry[key] = torch.ops.siftc.build_index(layer.mask.detach(), kk, panel, transpose)
         return entry[key]
 
+    def indexes(self, layer, panel: int, tpanel: int) -> tuple:
+        """The nine index tensors the ops take: forward (panel groups per column panel), grad input (tpanel,
+        its third tensor `tsrc` = each entry's position in the forward index), grad weight (= forward)."""
+        fwd = self.index(layer, panel, False)
+        entry = self._index[layer]
+        key = ("tsrc", panel, tpanel)
+        if key not in entry:
+            tptr, tcode, twidx = self.index(layer, tpanel, True)
+            with torch.no_grad():  # forward position of each weight position, read at the transposed entries
+                where = torch.empty(layer.weight.numel(), dtype=torch.int32)
+                where[fwd[2].long()] = torch.arange(fwd[2].numel(), dtype=torch.int32)
+                entry[key] = (tptr, tcode, where[twidx.long()])
+        return fwd + entry[key] + fwd  # the weight gradient walks the forward index
+
     def linear(self, layer, x):  # (*, in) -> (*, out)
         if not supported(layer, x):
             return self._fallback.linear(layer, x)
         build.load()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         chunk = min(-(-x2.shape[0] // 16) * 16, VECTOR_FLOATS) * x.element_size()
-        fwd = self.index(layer, _panel(chunk), False)
-        index = fwd + self.index(layer, _panel(chunk), True) + fwd  # the weight gradient walks the forward index
-        y = torch.ops.siftc.sparse_linear(x2, layer.weight, layer.bias, *index)  # (N, out)
+        index = self.indexes(layer, _panel(chunk), _panel(chunk))
+        y = torch.ops.siftc.sparse_linear(x2, layer.weight, layer.bias, *index)[0]  # (N, out)
         return y.view(*x.shape[:-1], layer.out_features)
 
     def conv2d(self, layer, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
@@ -90,11 +104,11 @@ class Native:
         vectors = -(-b // 16) * 16 * x.element_size() // 64
         rows = (kh - 1) * dh + 1
         nv, nt = _tile(vectors, wo)
-        fwd = self.index(layer, _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64), False)
+        panel = _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64)
         nv, nt = _tile(vectors, -(-w // sw))  # a stride phase of dX
-        index = fwd + self.index(layer, _panel(rows * (nt + (kw - 1) * dw) * nv * 64), True) + fwd
+        index = self.indexes(layer, panel, _panel(rows * (nt + (kw - 1) * dw) * nv * 64))
         return torch.ops.siftc.sparse_conv2d(x, layer.weight, layer.bias, list(layer.stride), list(layer.padding),
-                                             list(layer.dilation), *index)
+                                             list(layer.dilation), *index)[0]
 
 
 def _tile(nvec: int, pos_w: int) -> tuple[int, int]:

@@ -17,8 +17,11 @@
 // flat position in the dense weight. A thread's pass walks tiles of output positions x batch vectors,
 // then panels, then its rows, so each tile's input slice over a panel is read from L2 while every row
 // uses it, and each output tile stays in cache across the panels (a Linear has one tile: panel-major).
-// Values are gathered from the dense weight at call time, so optimizer updates need no index rebuild.
-// Weights inside the mask that are exactly zero stay in the index.
+// Values are gathered from the dense weight at call time, so optimizer updates need no index rebuild;
+// once per step: the forward returns its values and its packed input, and the backward reads the
+// transposed values out of them (the transposed index's tsrc = an entry's position in the forward index)
+// and reuses the packed input for the weight gradient. Weights inside the mask that are exactly zero stay
+// in the index.
 //
 // Each phase (siftc.pack_x, siftc.spmm, siftc.sddmm, siftc.gather, siftc.pack_dy, siftc.unpack,
 // siftc.dw_write) is a RECORD_FUNCTION scope, so torch.profiler splits a step into them; when no profiler
@@ -148,16 +151,18 @@ static SpmmFn<T> spmm_fn(int nv, int nt) {
 // The non-zero values in index order, read row by row: within a row the panels' entries ascend through
 // the weight, so the dense weight streams in address order. Read inside the FMA loop (panel by panel,
 // jumping a row's length between rows) each value was a dependent cache miss, half the loop's time.
+// src[n] is entry n's position in `from`: the dense weight (widx) in the forward, the forward's gathered
+// values (tsrc) in the backward, which reads nnz values instead of the dense weight's lines a second time.
 template <typename T>
-static std::unique_ptr<T[]> gather_values(const T* w, const int64_t* ptr, const int32_t* widx, int64_t rows,
-                                          int64_t npanels) {
+static at::Tensor gather_values(const T* from, const int64_t* ptr, const int32_t* src, int64_t rows, int64_t npanels,
+                                const at::TensorOptions& opt) {
   RECORD_FUNCTION("siftc.gather", std::vector<c10::IValue>());
-  std::unique_ptr<T[]> vals(new T[std::max<int64_t>(ptr[npanels * rows], 1)]);
-  T* v = vals.get();
+  at::Tensor vals = at::empty({ptr[npanels * rows]}, opt);
+  T* v = vals.data_ptr<T>();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t p = 0; p < npanels; ++p)
-        for (int64_t n = ptr[p * rows + r]; n < ptr[p * rows + r + 1]; ++n) v[n] = w[widx[n]];
+        for (int64_t n = ptr[p * rows + r]; n < ptr[p * rows + r + 1]; ++n) v[n] = from[src[n]];
   });
   return vals;
 }
@@ -468,9 +473,9 @@ static PackedGrad pack_grad(const at::Tensor& grad, const ConvShape& s) {
 }
 
 template <typename T>
-static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at::Tensor& weight,
+static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at::Tensor& fvals_in,
                              const ConvShape& s, const at::Tensor& tptr, const at::Tensor& tcode,
-                             const at::Tensor& twidx) {
+                             const at::Tensor& tsrc) {
   const int64_t qh = (s.KH - 1) * s.dh, qw = (s.KW - 1) * s.dw;
   const int64_t PH = pg.PH, PW = pg.PW, HD = pg.HD, WD = pg.WD;
   const at::Tensor& d = pg.d;
@@ -480,8 +485,8 @@ static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at
   const int64_t Wx = std::max<int64_t>(0, std::min(s.W, (s.Wo - 1) * s.sw + 1 + qw - s.pw));
   at::Tensor gx = at::empty({s.C, Hx, Wx, s.Bp}, x.options());
   const int64_t R = s.C, npanels = (tptr.numel() - 1) / R;
-  const auto vals = gather_values<T>(weight.const_data_ptr<T>(), tptr.data_ptr<int64_t>(), twidx.data_ptr<int32_t>(),
-                                     R, npanels);
+  const at::Tensor vals = gather_values<T>(fvals_in.const_data_ptr<T>(), tptr.data_ptr<int64_t>(),
+                                           tsrc.data_ptr<int32_t>(), R, npanels, x.options());
   const int64_t KK = s.KH * s.KW;
   for (int64_t ay = 0; ay < s.sh; ++ay)
     for (int64_t ax = 0; ax < s.sw; ++ax) {
@@ -499,7 +504,7 @@ static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at
           koff[i * s.KW + j] = ((ry / s.sh + PH) * WD + rx / s.sw + PW) * s.Bp;
         }
       at::Tensor ptr = tptr, code = tcode;
-      const T* pv = vals.get();
+      const T* pv = vals.const_data_ptr<T>();
       std::unique_ptr<T[]> fvals;
       if (nvalid < KK) {  // keep the phase's entries, in the same (panel, row) order
         const int64_t* p0 = tptr.data_ptr<int64_t>();
@@ -536,7 +541,7 @@ static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at
 
 // ---- ops ---------------------------------------------------------------------------------------------------
 template <typename T>
-static at::Tensor conv_forward_impl(const at::Tensor& x, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
                                     const ConvShape& s, const at::Tensor& ptr, const at::Tensor& code,
                                     const at::Tensor& widx) {
   const at::Tensor weight = weight_in.contiguous();
@@ -549,17 +554,19 @@ static at::Tensor conv_forward_impl(const at::Tensor& x, const at::Tensor& weigh
              s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t npanels = (ptr.numel() - 1) / s.O;
-  const auto vals = gather_values<T>(weight.const_data_ptr<T>(), ptr.data_ptr<int64_t>(), widx.data_ptr<int32_t>(),
-                                     s.O, npanels);
-  spmm<T>(xp.const_data_ptr<T>(), y.data_ptr<T>(), g, ptr, code, vals.get(), b.defined() ? b.const_data_ptr<T>() : nullptr);
-  return unpack<T>(y, s.B, s.Ho, s.Wo, 0, 0, x);
+  const at::Tensor vals = gather_values<T>(weight.const_data_ptr<T>(), ptr.data_ptr<int64_t>(),
+                                           widx.data_ptr<int32_t>(), s.O, npanels, x.options());
+  spmm<T>(xp.const_data_ptr<T>(), y.data_ptr<T>(), g, ptr, code, vals.const_data_ptr<T>(),
+          b.defined() ? b.const_data_ptr<T>() : nullptr);
+  return {unpack<T>(y, s.B, s.Ho, s.Wo, 0, 0, x), xp, vals};
 }
 
-at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                         const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr,
-                         const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& wptr,
-                         const at::Tensor& wcode, const at::Tensor& wwidx) {
+// Returns (y, xp, vals): the output, the packed input and the gathered values, which the backward reuses.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_conv2d(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& ptr, const at::Tensor& code,
+    const at::Tensor& widx, const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& tsrc,
+    const at::Tensor& wptr, const at::Tensor& wcode, const at::Tensor& wwidx) {
   check_inputs(x, weight);
   const ConvShape s = conv_shape(x, weight, stride, padding, dilation);
   check_index(ptr, code, widx, s.O, "forward");
@@ -569,16 +576,15 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& weight, const st
 
 template <typename T>
 static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& grad, const at::Tensor& x,
-                                                             const at::Tensor& weight_in, const ConvShape& s,
+                                                             const at::Tensor& xp, const at::Tensor& vals,
+                                                             const at::Tensor& weight, const ConvShape& s,
                                                              const at::Tensor& ptr, const at::Tensor& code,
                                                              const at::Tensor& widx, const at::Tensor& tptr,
-                                                             const at::Tensor& tcode, const at::Tensor& twidx,
+                                                             const at::Tensor& tcode, const at::Tensor& tsrc,
                                                              bool need_input, bool need_weight) {
-  const at::Tensor weight = weight_in.contiguous();
   at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options());
   const PackedGrad pg = pack_grad<T>(grad, s);
   if (need_weight) {
-    const at::Tensor xp = pack_input<T>(x, s);
     std::vector<int64_t> koff(s.KH * s.KW);
     for (int64_t i = 0; i < s.KH; ++i)
       for (int64_t j = 0; j < s.KW; ++j) koff[i * s.KW + j] = (i * s.dh * s.Wp + j * s.dw) * s.Bp;
@@ -589,49 +595,58 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
     sddmm<T>(pg.d.const_data_ptr<T>() + (pg.PH * pg.WD + pg.PW) * s.Bp, xp.const_data_ptr<T>(), g, ptr, code, widx,
              dw.data_ptr<T>(), s.C * s.KH * s.KW);
   }
-  if (need_input) dx = grad_input<T>(pg, x, weight, s, tptr, tcode, twidx);
+  if (need_input) dx = grad_input<T>(pg, x, vals, s, tptr, tcode, tsrc);
   return {dx, dw};
 }
 
+// xp and vals: the forward's packed input and gathered values (sparse_conv2d's second and third outputs).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& tptr, const at::Tensor& tcode,
-    const at::Tensor& twidx, const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx,
-    bool need_input, bool need_weight) {
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& xp, const at::Tensor& vals,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& tsrc, const at::Tensor& ptr,
+    const at::Tensor& code, const at::Tensor& widx, bool need_input, bool need_weight) {
   check_inputs(x, weight);
   const ConvShape s = conv_shape(x, weight, stride, padding, dilation);
+  TORCH_CHECK(xp.dim() == 4 && xp.size(0) == s.C && xp.size(1) == s.Hp && xp.size(2) == s.Wp && xp.size(3) == s.Bp &&
+                  xp.is_contiguous() && xp.scalar_type() == x.scalar_type(),
+              "siftc: packed input has shape ", xp.sizes(), ", expected [", s.C, ", ", s.Hp, ", ", s.Wp, ", ", s.Bp,
+              "] (sparse_conv2d's second output)");
+  TORCH_CHECK(vals.dim() == 1 && vals.is_contiguous() && vals.scalar_type() == x.scalar_type(),
+              "siftc: values must be sparse_conv2d's third output");
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.B && grad.size(1) == s.O && grad.size(2) == s.Ho &&
                   grad.size(3) == s.Wo && grad.scalar_type() == x.scalar_type(),
               "siftc: conv2d grad_output has shape ", grad.sizes(), ", expected [", s.B, ", ", s.O, ", ", s.Ho, ", ",
               s.Wo, "]");
   check_index(ptr, code, widx, s.O, "weight-gradient");
-  check_index(tptr, tcode, twidx, s.C, "transposed");
+  check_index(tptr, tcode, tsrc, s.C, "transposed");
+  TORCH_CHECK(tcode.numel() == vals.numel(), "siftc: ", vals.numel(), " values for ", tcode.numel(), " index entries");
   if (x.scalar_type() == at::kDouble)
-    return conv_backward_impl<double>(grad, x, weight, s, ptr, code, widx, tptr, tcode, twidx, need_input, need_weight);
-  return conv_backward_impl<float>(grad, x, weight, s, ptr, code, widx, tptr, tcode, twidx, need_input, need_weight);
+    return conv_backward_impl<double>(grad, x, xp, vals, weight, s, ptr, code, widx, tptr, tcode, tsrc, need_input,
+                                      need_weight);
+  return conv_backward_impl<float>(grad, x, xp, vals, weight, s, ptr, code, widx, tptr, tcode, tsrc, need_input,
+                                   need_weight);
 }
 
 // A Linear is the 1x1 convolution of a 1x1 image: (N, in) -> (N, in, 1, 1).
 static at::Tensor as_image(const at::Tensor& t) { return t.as_strided({t.size(0), t.size(1), 1, 1}, {t.stride(0), t.stride(1), 1, 1}); }
 
-at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr,
-                         const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& wptr,
-                         const at::Tensor& wcode, const at::Tensor& wwidx) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+    const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr, const at::Tensor& tcode,
+    const at::Tensor& tsrc, const at::Tensor& wptr, const at::Tensor& wcode, const at::Tensor& wwidx) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "siftc: sparse_linear expects 2-d input and weight");
-  return sparse_conv2d(as_image(x), as_image(weight), bias, {1, 1}, {0, 0}, {1, 1}, ptr, code, widx, tptr, tcode,
-                       twidx, wptr, wcode, wwidx)
-      .view({x.size(0), weight.size(0)});
+  auto [y, xp, vals] = sparse_conv2d(as_image(x), as_image(weight), bias, {1, 1}, {0, 0}, {1, 1}, ptr, code, widx,
+                                     tptr, tcode, tsrc, wptr, wcode, wwidx);
+  return {y.view({x.size(0), weight.size(0)}), xp, vals};
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                          const at::Tensor& weight, const at::Tensor& tptr,
-                                                          const at::Tensor& tcode, const at::Tensor& twidx,
-                                                          const at::Tensor& wptr, const at::Tensor& wcode,
-                                                          const at::Tensor& wwidx, bool need_input, bool need_weight) {
+std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& xp, const at::Tensor& vals, const at::Tensor& weight,
+    const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& tsrc, const at::Tensor& wptr,
+    const at::Tensor& wcode, const at::Tensor& wwidx, bool need_input, bool need_weight) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && grad.dim() == 2, "siftc: sparse_linear_backward expects 2-d tensors");
-  auto [dx, dw] = sparse_conv2d_backward(as_image(grad), as_image(x), as_image(weight), {1, 1}, {0, 0}, {1, 1},
-                                         tptr, tcode, twidx, wptr, wcode, wwidx, need_input, need_weight);
+  auto [dx, dw] = sparse_conv2d_backward(as_image(grad), as_image(x), xp, vals, as_image(weight), {1, 1}, {0, 0},
+                                         {1, 1}, tptr, tcode, tsrc, wptr, wcode, wwidx, need_input, need_weight);
   if (need_input) dx = dx.view({x.size(0), x.size(1)});
   if (need_weight) dw = dw.view({weight.size(0), weight.size(1)});
   return {dx, dw};
@@ -688,16 +703,19 @@ TORCH_LIBRARY(siftc, m) {
   m.def("build_index(Tensor mask, int kk, int panel, bool transpose) -> (Tensor, Tensor, Tensor)");
   // Three indexes: forward (rows = outputs), grad input (rows = inputs), grad weight (rows = outputs, its
   // panels sized for the weight gradient's partial sums). Forward takes all three so autograd can save them.
+  // The grad-input index's third tensor, tsrc, holds each entry's position in the forward index (not in the
+  // weight). The forward returns (y, packed input, gathered values); the backward takes the last two.
   m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ptr, Tensor code, Tensor widx, "
-        "Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, Tensor wwidx) -> Tensor");
-  m.def("sparse_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor tptr, Tensor tcode, Tensor twidx, "
-        "Tensor wptr, Tensor wcode, Tensor wwidx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
+        "Tensor tptr, Tensor tcode, Tensor tsrc, Tensor wptr, Tensor wcode, Tensor wwidx) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_linear_backward(Tensor grad, Tensor x, Tensor xp, Tensor vals, Tensor weight, Tensor tptr, "
+        "Tensor tcode, Tensor tsrc, Tensor wptr, Tensor wcode, Tensor wwidx, bool need_input, bool need_weight) "
+        "-> (Tensor, Tensor)");
   m.def("sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-        "Tensor ptr, Tensor code, Tensor widx, Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, "
-        "Tensor wcode, Tensor wwidx) -> Tensor");
-  m.def("sparse_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
-        "int[2] dilation, Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, Tensor wwidx, "
-        "bool need_input, bool need_weight) -> (Tensor, Tensor)");
+        "Tensor ptr, Tensor code, Tensor widx, Tensor tptr, Tensor tcode, Tensor tsrc, Tensor wptr, "
+        "Tensor wcode, Tensor wwidx) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_conv2d_backward(Tensor grad, Tensor x, Tensor xp, Tensor vals, Tensor weight, int[2] stride, "
+        "int[2] padding, int[2] dilation, Tensor tptr, Tensor tcode, Tensor tsrc, Tensor wptr, Tensor wcode, "
+        "Tensor wwidx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(siftc, CPU, m) {
