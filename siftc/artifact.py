@@ -183,8 +183,8 @@ def pack_state(state: dict) -> dict:
     """A state dict with each boolean `<name>.mask` and its `<name>.weight` stored as the weight's
     values inside the mask (row-major order) and the mask's bits. Weights outside a mask are zero
     (siftc's sparse layers keep them so), so nothing is lost."""
-    sparse = [k[: -len("mask")] for k, t in state.items()
-              if k.rpartition(".")[2] == "mask" and t.dtype == torch.bool and k[: -len("mask")] + "weight" in state]
+    masks = [k[: -len("mask")] for k, t in state.items() if k.rpartition(".")[2] == "mask" and t.dtype == torch.bool]
+    sparse = [prefix for prefix in masks if prefix + "weight" in state]
     out = dict(state)
     for prefix in sparse:
         mask, weight = out.pop(prefix + "mask"), out.pop(prefix + "weight")

@@ -214,6 +214,11 @@ class NodeFailed(Exception):
         super().__init__(node.name)
         self.node, self.error = node, error
 
+    @property
+    def first_line(self) -> str:
+        """The error's first line (its type name when it has no message), for a one-line report."""
+        return (str(self.error).splitlines() or [type(self.error).__name__])[0]
+
 
 class ShapeRecorder(torch.fx.Interpreter):
     """torch.fx's ShapeProp (every node gets `tensor_meta` and `type`), except that a failing node is
@@ -240,23 +245,29 @@ class ShapeRecorder(torch.fx.Interpreter):
         return result
 
 
+def record_shapes(gm: torch.fx.GraphModule, inputs) -> None:
+    """Run `gm` once (eval mode, no grad; its training flag restored) so every node gets `tensor_meta`.
+    A failing node raises NodeFailed."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeRecorder(gm).run(*inputs)
+    finally:
+        gm.train(was_training)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple):
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(example_inputs) > len(placeholders):
         raise UsageError(f"{len(example_inputs)} example inputs given but the model takes "
                          f"{len(placeholders)}; pass one input per forward argument")
-    was_training = gm.training
-    gm.eval()
     try:
-        with torch.no_grad():
-            ShapeRecorder(gm).run(*example_inputs)
+        record_shapes(gm, example_inputs)
     except NodeFailed as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
-        msg = str(e.error).splitlines()[0] if str(e.error) else type(e.error).__name__
         raise UsageError(f"example input of shape {shapes} does not fit the model at {_describe(gm, e.node)}: "
-                         f"{msg}; pass --input-shape matching the model's input") from e.error
-    finally:
-        gm.train(was_training)
+                         f"{e.first_line}; pass --input-shape matching the model's input") from e.error
 
 
 def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:

@@ -26,7 +26,7 @@ from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
 from siftc.passes.tensor_rules import node_arg, positive_dim
-from siftc.trace import NodeFailed, ShapeRecorder, node_shape
+from siftc.trace import NodeFailed, node_shape, record_shapes
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -279,17 +279,11 @@ def _check_shapes(gm, width):
     inputs = [torch.zeros(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
               for n in gm.graph.nodes if n.op == "placeholder"]
     predicted = {n: _new_shape(n, width) for n in gm.graph.nodes if isinstance(n.meta.get("siftc.dims"), tuple)}
-    was_training = gm.training
-    gm.eval()
     try:
-        with torch.no_grad():
-            ShapeRecorder(gm).run(*inputs)
+        record_shapes(gm, inputs)
     except NodeFailed as e:
-        first = (str(e.error).splitlines() or [type(e.error).__name__])[0]
-        raise TraceError(f"wide: the widened graph does not run at node {e.node.name}: {first}; a size in the "
-                         f"model is not derived from its inputs (keep that layer dense or report it)") from e.error
-    finally:
-        gm.train(was_training)
+        raise TraceError(f"wide: the widened graph does not run at node {e.node.name}: {e.first_line}; a size in "
+                         f"the model is not derived from its inputs (keep that layer dense or report it)") from e.error
     for node, shape in predicted.items():
         if node_shape(node) != shape:
             raise TraceError(f"wide: node {node.name} came out {node_shape(node)}, expected {shape}; "

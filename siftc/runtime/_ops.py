@@ -18,7 +18,7 @@ def _conv_out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _batch_pad(b):
+def batch_pad(b):
     """The packed layout's batch: b rounded up to 16 (kBatchPad in csrc/sparse_ops.cpp), at least 16."""
     return -(-torch.sym_max(b, 1) // 16) * 16
 
@@ -43,7 +43,7 @@ def register():
     @lib.register_fake("siftc::sparse_linear")
     def _(x, weight, bias, ptr, code, *index):
         n, c = x.shape
-        return (x.new_empty(n, weight.shape[0]), x.new_empty(c, 1, 1, _batch_pad(n)),  # y, xp
+        return (x.new_empty(n, weight.shape[0]), x.new_empty(c, 1, 1, batch_pad(n)),  # y, xp
                 x.new_empty(code.shape))  # vals
 
     @lib.register_fake("siftc::sparse_linear_backward")
@@ -57,7 +57,7 @@ def register():
         o, _, kh, kw = weight.shape
         y = x.new_empty(b, o, _conv_out(h, kh, stride[0], padding[0], dilation[0]),
                         _conv_out(w, kw, stride[1], padding[1], dilation[1]))
-        xp = x.new_empty(c, h + 2 * padding[0], w + 2 * padding[1], _batch_pad(b))
+        xp = x.new_empty(c, h + 2 * padding[0], w + 2 * padding[1], batch_pad(b))
         return y, xp, x.new_empty(code.shape)
 
     @lib.register_fake("siftc::sparse_conv2d_backward")

@@ -23,6 +23,7 @@ import weakref
 import torch
 
 from siftc.runtime import build
+from siftc.runtime._ops import batch_pad
 from siftc.runtime.masked import MaskedDense
 
 L2_BYTES = 512 * 1024
@@ -85,7 +86,7 @@ class Native:
             return self._fallback.linear(layer, x)
         build.load()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        chunk = min(-(-x2.shape[0] // 16) * 16, VECTOR_FLOATS) * x.element_size()
+        chunk = min(batch_pad(x2.shape[0]), VECTOR_FLOATS) * x.element_size()
         index = self.indexes(layer, _panel(chunk), _panel(chunk))
         y = torch.ops.siftc.sparse_linear(x2, layer.weight, layer.bias, *index)[0]  # (N, out)
         return y.view(*x.shape[:-1], layer.out_features)
@@ -101,7 +102,7 @@ class Native:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         # panels sized by the main register tile's input footprint (csrc make_tiles): a tile's slice of a
         # panel stays in L2 while the thread's rows reuse it
-        vectors = -(-b // 16) * 16 * x.element_size() // 64
+        vectors = batch_pad(b) * x.element_size() // 64
         rows = (kh - 1) * dh + 1
         nv, nt = _tile(vectors, wo)
         panel = _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64)
