@@ -1,0 +1,496 @@
+"""Concrete-shape tracing: torch.fx tracing in which every proxy also carries its value.
+
+Plain `torch.fx.symbolic_trace` stops at the first Python decision a model makes about a tensor:
+`assert t <= block_size`, `if x.dim() == 3`, `int(x.size(1) * r)`, `torch.finfo(x.dtype)`,
+`range(seq_len)`. Those depend on shapes and dtypes, not on data, so siftc traces with the example
+inputs: each proxy holds a fake tensor (shapes only, no data) whose sizes are symbols of torch's
+ShapeEnv, one per input dimension. A Python decision on a shape is taken on the example's value and
+recorded as a `Specialization`, with the guard it implies over the input dimensions (`s1 <= 64`) and
+the user's line; `Guards.check` later refuses an input the graph cannot serve instead of running a
+graph traced for another shape. Work inside torch ops (a broadcast, a matmul's inner size) is the
+graph's own business and is not a specialisation. A decision on tensor *values* (`if x.sum() > 0`) is
+data-dependent and still an error, for which `--leaf` keeps the module opaque.
+
+The graph stays module-level: leaves are the same as plain fx tracing (torch.nn layers, siftc's
+layers, and modules matching `leaves`), so every pass works unchanged.
+
+    >>> gm, guards = concrete_trace(gpt, {"idx": torch.randint(0, 256, (1, 64))})
+    >>> guards.specializations[0].text
+    'input idx dim 1 = 64 fixed by `assert t <= self.block_size` at model.py:173 (s1 <= 64)'
+
+Training flags are not baked: a module's `self.training` is read through the graph's own flag, so
+`F.dropout(x, p, self.training)` and `if self.training: x = F.dropout(x, p)` follow `.train()` and
+`.eval()` of the converted model.
+"""
+import contextlib
+import inspect
+import linecache
+import math
+import operator
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.node import map_aggregate
+from torch.utils import _pytree as pytree
+
+_TORCH = Path(torch.__file__).resolve().parent
+_SIFTC = Path(__file__).resolve().parent
+# Tensor attributes that are properties of the tensor's type, not of its data or shape: read directly.
+_STATIC_ATTRS = frozenset({"dtype", "device", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta",
+                           "ndim", "is_floating_point", "is_complex"})
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+
+
+class DataDependent(Exception):
+    """A Python decision on tensor values (`bool(x.sum() > 0)`, `x.item()`): not traceable."""
+
+    def __init__(self, what: str, where: str):
+        super().__init__(f"{what} at {where}")
+        self.what, self.where = what, where
+
+
+@dataclass
+class Specialization:
+    """One shape decision the trace took on the example inputs."""
+    kind: str                  # "bool", "int", "len", "iter", "float", "training"
+    value: object              # what the decision came out as
+    guard: str                 # the condition on the input dims it implies, e.g. "s1 <= 64"
+    dims: list                 # [(input name, dim, example size)] the guard reads
+    where: str                 # the user's file:line
+    code: str                  # that line's source
+
+    @property
+    def text(self) -> str:
+        if self.kind == "training":
+            return f"`{self.code}` at {self.where} traced in training mode; dropout follows .train()/.eval()"
+        fixed = ", ".join(f"input {n} dim {d} = {s}" for n, d, s in self.dims) or "the inputs' ranks and dtypes"
+        return f"{fixed} fixed by `{self.code}` at {self.where} ({self.guard})"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "value": repr(self.value), "guard": self.guard,
+                "dims": [list(d) for d in self.dims], "where": self.where, "code": self.code, "text": self.text}
+
+
+@dataclass
+class Guards:
+    """What a concrete trace assumed about its inputs: names, ranks, dtypes, and shape guards."""
+    names: list                                   # placeholder names, in order
+    ranks: dict                                   # name -> ndim
+    dtypes: dict                                  # name -> str(dtype)
+    symbols: dict                                 # "s1" -> (input name, dim)
+    specializations: list = field(default_factory=list)
+    constants: dict = field(default_factory=dict)  # forward arguments left at their defaults
+
+    def check(self, inputs: dict) -> None:
+        """Raise ShapeMismatch if `inputs` (name -> tensor) break an assumption of the trace."""
+        env = {}
+        for name in self.names:
+            t = inputs.get(name)
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.dim() != self.ranks[name]:
+                raise ShapeMismatch(f"input {name} has {t.dim()} dims, the model was traced with "
+                                    f"{self.ranks[name]}; convert again with inputs of this form")
+        for sym, (name, dim) in self.symbols.items():
+            t = inputs.get(name)
+            if isinstance(t, torch.Tensor):
+                env[sym] = t.shape[dim]
+        for s in self.specializations:
+            if s.kind == "training" or not s.guard:
+                continue
+            if not _holds(s.guard, env):
+                sizes = ", ".join(f"input {n} dim {d} = {inputs[n].shape[d]}" for n, d, _ in s.dims if n in inputs)
+                raise ShapeMismatch(f"{sizes}: the graph was specialised by `{s.code}` at {s.where} ({s.guard}, "
+                                    f"traced at {', '.join(str(x[2]) for x in s.dims)}); convert again with "
+                                    f"example inputs of this shape")
+
+    def to_json(self) -> dict:
+        return {"names": self.names, "ranks": self.ranks, "dtypes": self.dtypes,
+                "symbols": {k: list(v) for k, v in self.symbols.items()},
+                "specializations": [s.to_json() for s in self.specializations],
+                "constants": {k: repr(v) for k, v in self.constants.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Guards":
+        specs = [Specialization(s["kind"], s["value"], s["guard"], [tuple(x) for x in s["dims"]], s["where"],
+                                s["code"]) for s in d.get("specializations", [])]
+        return cls(list(d["names"]), dict(d["ranks"]), dict(d["dtypes"]),
+                   {k: tuple(v) for k, v in d["symbols"].items()}, specs, dict(d.get("constants", {})))
+
+
+class ShapeMismatch(ValueError):
+    """An input the specialised graph cannot serve."""
+
+
+def _holds(guard: str, env: dict) -> bool:
+    import sympy
+    expr = sympy.sympify(guard, locals={k: sympy.Symbol(k, integer=True) for k in env})
+    value = expr.subs({sympy.Symbol(k, integer=True): v for k, v in env.items()})
+    return bool(value)
+
+
+# ---- proxies ----------------------------------------------------------------------------------
+class ConcreteProxy(torch.fx.Proxy):
+    """A proxy that also knows its value (a fake tensor, a SymInt, a torch.Size, a dtype...)."""
+
+    @property
+    def value(self):
+        return self.tracer.values[self.node]
+
+    def __bool__(self):
+        return self.tracer.concretize(self, bool, "bool")
+
+    def __int__(self):
+        return self.tracer.concretize(self, int, "int")
+
+    def __index__(self):
+        return self.tracer.concretize(self, operator.index, "int")
+
+    def __float__(self):
+        return self.tracer.concretize(self, float, "float")
+
+    def __len__(self):
+        return self.tracer.concretize(self, len, "len")
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+    def keys(self):
+        return self.value.keys()
+
+    def __getattr__(self, k):
+        value = self.tracer.values.get(self.node)
+        if k in _STATIC_ATTRS and isinstance(value, torch.Tensor):
+            return getattr(value, k)
+        return ConcreteAttribute(self, k)
+
+
+class ConcreteAttribute(ConcreteProxy, torch.fx.proxy.Attribute):
+    """`proxy.attr` before it is known whether it is read or called (then it is a method call)."""
+
+    def __init__(self, root, attr):
+        torch.fx.proxy.Attribute.__init__(self, root, attr)
+
+    @property
+    def value(self):
+        return getattr(self.root.value, self.attr)
+
+
+# ---- tracer -----------------------------------------------------------------------------------
+class ConcreteTracer(torch.fx.Tracer):
+    """fx tracer whose proxies carry fake values with symbolic sizes (see the module docstring)."""
+
+    def __init__(self, inputs: dict, is_leaf=None):
+        super().__init__(autowrap_functions=())
+        self.proxy_buffer_attributes = True  # a buffer sliced by a size (`bias[:, :, :T, :T]`) stays in the graph
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+        self.shape_env = ShapeEnv(duck_shape=False)
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.values: dict = {}
+        self.is_leaf = is_leaf
+        self.inputs, self.symbols = {}, {}
+        for name, t in inputs.items():
+            if isinstance(t, torch.Tensor):
+                ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
+                fake = self.fake_mode.from_tensor(t, symbolic_context=ctx)
+                for d, s in enumerate(fake.shape):
+                    if isinstance(s, torch.SymInt):
+                        self.symbols[str(s.node.expr)] = (name, d)
+                self.inputs[name] = fake
+            else:
+                self.inputs[name] = t
+        self.example = inputs
+        self.specializations: list[Specialization] = []
+        self.training_node = None
+        self.flags: list = []   # (module, its own training bool), restored after the trace
+        self._fakes: dict = {}
+        self._computing = False
+        self.out_spec, self.dropped = None, []
+
+    # fx hooks
+    def proxy(self, node):
+        return ConcreteProxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self.is_leaf is not None and self.is_leaf(m, qualname):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._computing:  # a leaf's value: run it, do not trace it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        value = self._compute(kind, target, args, kwargs)
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self.values[proxy.node] = value
+        return proxy
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """Placeholders for the given inputs only, by name; the forward's other parameters keep their
+        defaults (`targets=None` is no graph input). Works for `*args, **kwargs` forwards too."""
+        sig = inspect.signature(inspect.unwrap(root_fn))
+        params = list(sig.parameters.values())[1:]  # without self
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+        for n in self.inputs:
+            if n not in named and not takes_kwargs:
+                raise TypeError(f"forward() has no parameter {n!r}")
+        proxies = {n: self.create_proxy("placeholder", n, (), {}) if isinstance(v, torch.Tensor) else v
+                   for n, v in self.inputs.items()}
+        self._install_training_flag()
+
+        def fn(root):
+            leaves, self.out_spec = pytree.tree_flatten(root_fn(root, **proxies))
+            leaves = [self._output_leaf(i, x) for i, x in enumerate(leaves)]
+            return leaves[0] if self.out_spec.is_leaf() else tuple(leaves)
+        return fn, [self.root]
+
+    def _output_leaf(self, i, x):
+        """An output leaf fx can hold (a proxy or a constant); anything else (a KV cache object) is
+        returned as None and named in `dropped`."""
+        if isinstance(x, (torch.fx.Proxy, torch.Tensor, int, float, bool, str, type(None))):
+            return x
+        self.dropped.append(f"output {i} ({type(x).__name__})")
+        return None
+
+    def _install_training_flag(self):
+        """Replace every traced-through module's `training` bool by the graph's training flag (a proxy
+        of the root's `self.training`), so reading it puts it in the graph instead of baking it.
+        Leaves keep their bool: they run as modules, in whatever mode they are."""
+        proxy = self.create_proxy("get_attr", "training", (), {})
+        self.values[proxy.node] = True
+        self.training_node = proxy.node
+        for name, m in self.root.named_modules():
+            if name and self.is_leaf_module(m, name):
+                continue
+            self.flags.append((m, m.__dict__.get("training", True)))
+            m.__dict__["training"] = proxy
+
+    # values
+    def _fake(self, t: torch.Tensor):
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor):
+            return t
+        key = id(t)
+        if key not in self._fakes:
+            self._fakes[key] = (t, self.fake_mode.from_tensor(t, static_shapes=True))
+        return self._fakes[key][1]
+
+    def _value_of(self, a):
+        def one(x):
+            if isinstance(x, torch.fx.Proxy):
+                return self.values[x.node]
+            return self._fake(x)
+        return map_aggregate(a, one) if not isinstance(a, torch.fx.Proxy) else one(a)
+
+    def _compute(self, kind, target, args, kwargs):
+        if kind == "placeholder":
+            return self.inputs.get(target)
+        if kind == "output":
+            return None
+        if kind == "get_attr":
+            self._computing = True
+            try:
+                obj = self.root
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+            finally:
+                self._computing = False
+            return self._fake(obj)
+        vargs, vkwargs = self._value_of(tuple(args)), self._value_of(dict(kwargs))
+        python_level = kind == "call_function" and not _has_tensor((vargs, vkwargs))
+        before = len(self.shape_env.guards)
+        try:
+            self._computing = True
+            with self.fake_mode, _eval_for_value(self.root, target if kind == "call_module" else None):
+                if kind == "call_function":
+                    out = target(*vargs, **vkwargs)
+                elif kind == "call_method":
+                    out = getattr(vargs[0], target)(*vargs[1:], **vkwargs)
+                else:
+                    out = self.root.get_submodule(target)(*vargs, **vkwargs)
+        except Exception as e:
+            if _data_dependent(e):
+                raise DataDependent(f"{_op_name(kind, target)} needs tensor values", self._user_line()[0]) from e
+            raise
+        finally:
+            self._computing = False
+        if python_level:  # shape arithmetic in Python that decided something (a tuple ==, a min())
+            self._record_new_guards(before, "bool")
+        return out
+
+    def concretize(self, proxy, fn, kind):
+        """Take a Python decision (`bool`, `int`, `len`...) on a proxy's value, recording what it fixed."""
+        value = proxy.value
+        where, code = self._user_line()
+        if proxy.node is self.training_node:
+            self.specializations.append(Specialization("training", True, "", [], where, code))
+            return fn(value)
+        if isinstance(value, torch.Tensor) and kind != "len":
+            raise DataDependent(f"`{code}` decides on tensor values", where)
+        before = len(self.shape_env.guards)
+        try:
+            out = fn(value)
+        except Exception as e:
+            if _data_dependent(e):
+                raise DataDependent(f"`{code}` decides on tensor values", where) from e
+            raise
+        self._record_new_guards(before, kind, out, where, code)
+        return out
+
+    def _record_new_guards(self, before, kind, value=None, where=None, code=None):
+        new = self.shape_env.guards[before:]
+        if not new:
+            return
+        if where is None:
+            where, code = self._user_line()
+        for g in new:
+            syms = sorted(str(s) for s in g.expr.free_symbols)
+            dims = [(*self.symbols[s], self._example_size(s)) for s in syms if s in self.symbols]
+            self.specializations.append(Specialization(kind, value, str(g.expr), dims, where, code))
+
+    def _example_size(self, sym):
+        name, dim = self.symbols[sym]
+        return int(self.example[name].shape[dim])
+
+    @staticmethod
+    def _user_line() -> tuple[str, str]:
+        """file:line and source text of the innermost frame of the user's code."""
+        for f in reversed(traceback.extract_stack()):
+            path = Path(f.filename)
+            if f.filename.startswith("<") or path.resolve().is_relative_to(_TORCH) or \
+                    path.resolve().is_relative_to(_SIFTC):
+                continue
+            line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+            return f"{path.name}:{f.lineno}", line
+        return "unknown location", ""
+
+
+def _has_tensor(values) -> bool:
+    found = []
+    map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else v)
+    return bool(found)
+
+
+def _op_name(kind, target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _data_dependent(e: Exception) -> bool:
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    return isinstance(e, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException))
+
+
+@contextlib.contextmanager
+def _eval_for_value(root: nn.Module, target: str | None):
+    """A leaf module's value is computed in eval mode (a BatchNorm of batch 1 in training mode would
+    refuse, and running statistics must not move); the graph keeps the module, so the mode is its own
+    at run time."""
+    if target is None:
+        yield
+        return
+    mod = root.get_submodule(target)
+    modes = [(m, m.training) for m in mod.modules()]
+    mod.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def concrete_trace(model: nn.Module, inputs: dict, is_leaf=None) -> tuple[torch.fx.GraphModule, Guards]:
+    """Trace `model` called as `model(**inputs)`; returns the module-level GraphModule and its Guards."""
+    tracer = ConcreteTracer(inputs, is_leaf)
+    try:
+        graph = tracer.trace(model)
+    finally:
+        for m, t in tracer.flags:
+            m.__dict__["training"] = t
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if not tracer.out_spec.is_leaf():  # outputs come back as the model's own structure (a ModelOutput)
+        gm.graph._codegen = _OutputTree(_PyTreeInfo(names_of(gm), None, tracer.out_spec))
+    _dropout_follows_training(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    names = names_of(gm)
+    guards = Guards(names, {n: inputs[n].dim() for n in names}, {n: str(inputs[n].dtype) for n in names},
+                    {s: v for s, v in tracer.symbols.items()}, _dedupe(tracer.specializations),
+                    _defaults(model, inputs))
+    return gm, guards
+
+
+def _dropout_follows_training(gm: torch.fx.GraphModule):
+    """Functional dropout traced with a constant `training=True` (under `if self.training:`) and
+    attention dropout probabilities baked from `p if self.training else 0` take the graph's flag."""
+    flag = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "training"), None)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS:
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            if training is True:
+                with gm.graph.inserting_before(node):
+                    flag = flag or gm.graph.get_attr("training")
+                args = list(node.args[:2])
+                kwargs = {k: v for k, v in node.kwargs.items() if k != "training"}
+                node.args, node.kwargs = tuple(args), {**kwargs, "training": flag}
+        elif node.target is F.scaled_dot_product_attention:
+            p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+            if isinstance(p, float) and p > 0:
+                with gm.graph.inserting_before(node):
+                    flag = flag or gm.graph.get_attr("training")
+                    scaled = gm.graph.call_function(operator.mul, (p, flag))
+                args = list(node.args)
+                if len(args) > 4:
+                    args[4] = scaled
+                    node.args = tuple(args)
+                else:
+                    node.kwargs = {**node.kwargs, "dropout_p": scaled}
+
+
+class _OutputTree(_PyTreeCodeGen):
+    """fx code generation that returns the traced output structure (a dict, a ModelOutput, nested
+    tuples) rebuilt from the graph's flat outputs, and takes its inputs as plain arguments."""
+
+    def process_inputs(self, *inputs):
+        return inputs
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+
+
+def names_of(gm: torch.fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _dedupe(specs: list) -> list:
+    seen, out = set(), []
+    for s in specs:
+        key = (s.kind, s.guard, s.where)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def _defaults(model: nn.Module, inputs: dict) -> dict:
+    sig = inspect.signature(inspect.unwrap(type(model).forward))
+    return {p.name: p.default for p in list(sig.parameters.values())[1:]
+            if p.name not in inputs and p.default is not p.empty}
