@@ -1,9 +1,8 @@
 """Conversion settings: one frozen dataclass, validated on construction."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from siftc.errors import UsageError
 
-KIND_NAMES = ("wide", "parallel", "factorized", "doped")
 BRANCH_ACTS = ("relu", "gelu", "identity")
 
 
@@ -23,11 +22,13 @@ class ConvertConfig:
     strict: bool = False
     # wide: widen the attention head dimension too (the paper keeps heads x head_dim).
     widen_heads: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.kind not in KIND_NAMES:
-            raise UsageError(f"unknown kind {self.kind!r}; choose one of: {', '.join(KIND_NAMES)}")
+        # The kinds are the keys of the registry that runs them. Imported here, not at the top: the passes
+        # import this module (for the ConvertConfig annotation).
+        from siftc.passes import KINDS
+        if self.kind not in KINDS:
+            raise UsageError(f"unknown kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise UsageError(f"sparsity {self.sparsity!r} is outside [0, 1); pass e.g. --sparsity 0.9")
         if self.branch_act not in BRANCH_ACTS:

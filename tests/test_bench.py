@@ -159,3 +159,25 @@ def test_cli_error_subprocess(files, tmp_path):
                            "--engine", "onnxruntime", "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "" and not out.exists()
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("siftc: error: batch 64 does not fit"), proc.stderr
+
+
+def test_cli_sweep_kind_is_one_of_the_kinds(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--sweep", spec_path("examples/mlp.py"), "--kind", "wider",
+                                    "--out-dir", str(tmp_path / "sweep")])
+    assert res.exit_code == 2, res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("siftc: error:"), res.output
+    assert "'wider' is not one of" in lines[0] and all(k in lines[0] for k in siftc.passes.KINDS), lines[0]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_cli_help_shows_the_library_defaults():
+    from siftc.config import ConvertConfig
+
+    shown = " ".join(CliRunner().invoke(main, ["bench", "--help"]).output.split())
+    cfg = BenchConfig()
+    for option, default in (("--warmup", cfg.warmup), ("--turns", cfg.turns), ("--time", cfg.time_s),
+                            ("--batch", ",".join(map(str, cfg.batches))), ("--engine", ",".join(cfg.engines)),
+                            ("--round-to", ConvertConfig(kind="wide", sparsity=0).round_to),
+                            ("--opset", ex.DEFAULT_OPSET)):
+        assert re.search(rf"{option} \S+ [^[]*\[default: {re.escape(str(default))}\]", shown), option

@@ -228,3 +228,54 @@ def test_dotted_module_spec_is_imported_not_taken_for_a_file(tmp_path):
     """torch.nn:Linear names a module and a class (not a file 'torch.nn'); that factory needs arguments."""
     assert_one_line_error(convert(tmp_path, "torch.nn:Linear", kind="wide"), tmp_path,
                           r"factory torch\.nn:Linear raised TypeError")
+
+
+def _help_defaults(command: str, cls) -> set:
+    """Every option of `siftc COMMAND` that shows a default and is named after a field of the dataclass
+    `cls` has that field's default, and `--help` prints it. Returns the names checked."""
+    from siftc.cli.options import defaults
+
+    field_defaults = defaults(cls)
+    cmd = main.get_command(None, command)
+    shown = " ".join(siftc_cli(command, "--help").stdout.split())  # unwrapped
+    checked = set()
+    for p in cmd.params:
+        if getattr(p, "show_default", None) is True and p.name in field_defaults:
+            assert p.default == field_defaults[p.name], p.name
+            assert f"[default: {field_defaults[p.name]}]" in shown, p.name
+            checked.add(p.name)
+    return checked
+
+
+def test_train_help_shows_train_config_defaults():
+    from siftc.train import TrainConfig
+
+    checked = _help_defaults("train", TrainConfig)
+    assert {"method", "batch_size", "lr", "optimizer", "weight_decay", "backend", "seed", "distribution",
+            "update_every", "drop_fraction", "end_fraction", "checkpoint_every", "nproc"} <= checked
+    assert "else torch" not in siftc_cli("train", "--help").stdout  # auto is always there: no fallback to name
+
+
+def test_convert_help_shows_convert_config_defaults_and_the_registry_kinds():
+    from siftc.config import ConvertConfig
+    from siftc.passes import KINDS
+
+    assert {"branch_act", "round_to", "seed"} <= _help_defaults("convert", ConvertConfig)
+    kind = next(p for p in main.get_command(None, "convert").params if p.name == "kind")
+    assert tuple(kind.type.choices) == tuple(KINDS)
+
+
+def test_export_help_shows_the_export_functions_defaults():
+    import inspect
+
+    from siftc.export import DEFAULT_OPSET, export
+
+    shown = " ".join(siftc_cli("export", "--help").stdout.split())
+    batch = inspect.signature(export).parameters["batch"].default
+    assert f"ONNX opset. [default: {DEFAULT_OPSET}]" in shown
+    assert f"Static batch size of the file. [default: {batch}]" in shown
+
+
+def test_export_batch_and_dynamic_batch_still_contradict(tmp_path):
+    assert_one_line_error(siftc_cli("export", MLP, "-o", tmp_path / "m.onnx", "--batch", "1", "--dynamic-batch"),
+                          tmp_path, r"--batch and --dynamic-batch contradict")

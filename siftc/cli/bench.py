@@ -3,8 +3,19 @@ import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from siftc.bench.engine import ENGINES
+from siftc.bench.runner import BenchConfig
+from siftc.cli.options import defaults
+from siftc.config import ConvertConfig
+from siftc.export import DEFAULT_OPSET
+from siftc.passes import KINDS
+
+DEFAULT = defaults(BenchConfig)
+ROUND_TO = defaults(ConvertConfig)["round_to"]
+# What BenchConfig measures when given neither --time nor --iterations.
+TIME_S = BenchConfig().time_s
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -28,30 +39,33 @@ def _floats(text: str) -> tuple[float, ...]:
 
 @click.command("bench")
 @click.argument("models", nargs=-1)
-@click.option("--engine", "engines", default=",".join(ENGINES), show_default=True,
+@click.option("--engine", "engines", default=",".join(DEFAULT["engines"]), show_default=True,
               help=f"Comma-separated engines: {', '.join(ENGINES)}.")
-@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch", "batches", default=",".join(map(str, DEFAULT["batches"])), show_default=True,
+              help="Comma-separated batch sizes.")
 @click.option("--threads", type=int, default=None, help="Threads (cores) per engine.  [default: all usable cores]")
-@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed calls per engine first.")
-@click.option("--time", "time_s", type=float, default=None,
-              help="Measured seconds per (model, engine, batch).  [default: 5]")
+@click.option("--warmup", type=int, default=DEFAULT["warmup"], show_default=True, help="Untimed calls per engine first.")
+@click.option("--time", "time_s", type=float, default=TIME_S, show_default=True,
+              help="Measured seconds per (model, engine, batch).")
 @click.option("--iterations", type=int, default=None, help="Measured calls per (model, engine, batch), instead of --time.")
-@click.option("--turns", type=int, default=5, show_default=True,
+@click.option("--turns", type=int, default=DEFAULT["turns"], show_default=True,
               help="Engines take turns this many times, so machine drift hits all.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None,
               help="With --sweep: draw latency relative to dense against sparsity here (PNG).")
 @click.option("--sweep", "sweep_model", default=None, metavar="MODEL.PY[:FACTORY]",
               help="Convert, export and bench MODEL at each --sparsities point instead of given files.")
-@click.option("--kind", default="wide", show_default=True, help="With --sweep: the Sparse-IFT kind.")
+@click.option("--kind", type=click.Choice(tuple(KINDS)), default="wide", show_default=True,
+              help="With --sweep: the Sparse-IFT kind.")
 @click.option("--sparsities", default="0,0.5,0.75,0.9", show_default=True, help="With --sweep: the points.")
 @click.option("--out-dir", type=click.Path(), default=None,
               help="With --sweep: where artifacts and ONNX files go (reused when up to date).  [default: sweep-<model>-<kind>]")
-@click.option("--round-to", type=int, default=1, show_default=True, help="With --sweep: width multiple (wide).")
-@click.option("--opset", type=int, default=None, help="With --sweep: ONNX opset.  [default: 17]")
+@click.option("--round-to", type=int, default=ROUND_TO, show_default=True, help="With --sweep: width multiple (wide).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="With --sweep: ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="With --sweep: export a free batch dimension.")
 @click.option("--force", is_flag=True, help="With --sweep: rebuild every point even if up to date.")
-def bench_cmd(models, engines, batches, threads, warmup, time_s, iterations, turns, json_out, plot_out,
+@click.pass_context
+def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations, turns, json_out, plot_out,
               sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force):
     """Benchmark MODELS (.onnx files) on each engine with the same inputs, after warm-up, in turns.
 
@@ -70,7 +84,7 @@ def bench_cmd(models, engines, batches, threads, warmup, time_s, iterations, tur
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from siftc.bench.engine import parse_engines
-    from siftc.bench.runner import BenchConfig, bench, default_threads
+    from siftc.bench.runner import bench, default_threads
     from siftc.errors import UsageError
 
     if sweep_model and models:
@@ -79,11 +93,11 @@ def bench_cmd(models, engines, batches, threads, warmup, time_s, iterations, tur
         raise UsageError("no model given; pass MODEL.onnx files (from siftc export) or --sweep model.py")
     if plot_out and not sweep_model:
         raise UsageError("--plot draws a sweep; add --sweep model.py (or drop --plot)")
-    if time_s is not None and iterations is not None:
+    if iterations is not None and ctx.get_parameter_source("time_s") == ParameterSource.COMMANDLINE:
         raise UsageError("--time and --iterations contradict each other; pass one of them")
     cfg = BenchConfig(engines=tuple(parse_engines(engines)), batches=_ints(batches, "--batch"),
                       threads=threads or default_threads(), warmup=warmup,
-                      time_s=None if iterations else (time_s or 5.0), iterations=iterations, turns=turns)
+                      time_s=None if iterations is not None else time_s, iterations=iterations, turns=turns)
     err = Console(stderr=True)
     # Not a terminal (a log, a pipe): no bar, which would leave a blank line before an error.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -98,10 +112,9 @@ def bench_cmd(models, engines, batches, threads, warmup, time_s, iterations, tur
 
         if sweep_model:
             from siftc.bench.sweep import run_sweep
-            from siftc.export import DEFAULT_OPSET
             stem = Path(sweep_model.partition(":")[0]).stem + (f"-{sweep_model.partition(':')[2]}" if ":" in sweep_model else "")
             result = run_sweep(sweep_model, kind, _floats(sparsities), Path(out_dir or f"sweep-{stem}-{kind}"), cfg,
-                               opset=opset or DEFAULT_OPSET, round_to=round_to,
+                               opset=opset, round_to=round_to,
                                dynamic_batch=dynamic_batch, force=force, progress=progress, step=step)
         else:
             result = bench(models, cfg, progress=progress)

@@ -4,7 +4,11 @@ import time
 
 import click
 
-from siftc.config import BRANCH_ACTS, KIND_NAMES
+from siftc.cli.options import defaults
+from siftc.config import BRANCH_ACTS, ConvertConfig
+from siftc.passes import KINDS
+
+DEFAULT = defaults(ConvertConfig)
 
 
 def _sparsity(ctx, param, value):
@@ -22,7 +26,7 @@ def _round_to(ctx, param, value):
 
 @click.command("convert")
 @click.argument("model")
-@click.option("--kind", "-k", required=True, type=click.Choice(KIND_NAMES), help="Sparse-IFT family.")
+@click.option("--kind", "-k", required=True, type=click.Choice(tuple(KINDS)), help="Sparse-IFT family.")
 @click.option("--sparsity", "-s", required=True, type=float, callback=_sparsity,
               help="Fraction of zero weights in the sparse layers, in [0, 1).")
 @click.option("-o", "--output", type=click.Path(), default=None,
@@ -31,13 +35,13 @@ def _round_to(ctx, param, value):
               help="Keep layers matching this fnmatch pattern dense (repeatable). "
                    "[default: first and last weight layer]")
 @click.option("--no-keep-dense", is_flag=True, help="Transform the first and last weight layer too.")
-@click.option("--branch-act", type=click.Choice(BRANCH_ACTS), default="relu", show_default=True,
+@click.option("--branch-act", type=click.Choice(BRANCH_ACTS), default=DEFAULT["branch_act"], show_default=True,
               help="Non-linearity in parallel branches and the factorized middle.")
-@click.option("--round-to", default="1", show_default=True, callback=_round_to, metavar="M",
+@click.option("--round-to", type=str, default=DEFAULT["round_to"], show_default=True, callback=_round_to, metavar="M",
               help="wide: make widths multiples of this.")
 @click.option("--widen-heads", is_flag=True, help="wide: widen attention head dimension too.")
 @click.option("--strict", is_flag=True, help="Fail on a layer or width group siftc cannot transform.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weight init and masks.")
+@click.option("--seed", type=int, default=DEFAULT["seed"], show_default=True, help="Seed for weight init and masks.")
 @click.option("--input-shape", default=None, metavar="1,3,224,224",
               help="Example input shape, when the model file has no example_inputs().")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")

@@ -1,17 +1,24 @@
 """`siftc export`: an artifact (or a dense model.py) to checked, plain ONNX."""
+import inspect
 import time
 
 import click
+from click.core import ParameterSource
+
+from siftc.export import DEFAULT_OPSET, export
+
+BATCH = inspect.signature(export).parameters["batch"].default  # export()'s own, so help shows what runs
 
 
 @click.command("export")
 @click.argument("source")
 @click.option("-o", "--output", type=click.Path(), required=True, help="ONNX file to write (a sidecar <file>.json goes beside it).")
-@click.option("--batch", type=int, default=None, help="Static batch size of the file.  [default: 1]")
+@click.option("--batch", type=int, default=BATCH, show_default=True, help="Static batch size of the file.")
 @click.option("--dynamic-batch", is_flag=True, help="Leave the batch dimension free instead (one file for every batch).")
-@click.option("--opset", type=int, default=None, help="ONNX opset.  [default: 17]")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--force", is_flag=True, help="Replace the output file and its sidecar if they exist.")
-def export_cmd(source, output, batch, dynamic_batch, opset, force):
+@click.pass_context
+def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force):
     """Export SOURCE to plain ONNX for DeepSparse, ONNX Runtime or any engine, and check it.
 
     SOURCE is an artifact directory from `siftc convert -o`, or a dense model.py[:factory] (its
@@ -26,17 +33,15 @@ def export_cmd(source, output, batch, dynamic_batch, opset, force):
     """
     from rich.console import Console
 
-    from siftc import export as ex
     from siftc.errors import UsageError
 
-    if batch is not None and dynamic_batch:
+    if dynamic_batch and ctx.get_parameter_source("batch") == ParameterSource.COMMANDLINE:
         raise UsageError("--batch and --dynamic-batch contradict each other; pass one of them")
     console = Console(stderr=True)
     t0 = time.perf_counter()
     with console.status("exporting") as status:
-        done = ex.export(source, output, batch=None if dynamic_batch else (batch or 1),
-                         dynamic_batch=dynamic_batch, opset=opset or ex.DEFAULT_OPSET, force=force,
-                         progress=lambda step: status.update(step))
+        done = export(source, output, batch=None if dynamic_batch else batch, dynamic_batch=dynamic_batch,
+                      opset=opset, force=force, progress=lambda step: status.update(step))
     m, c = done.meta, done.meta["checks"]
     sparse = [layer for layer in m["layers"] if layer["density"] < 1]
     click.echo(f"wrote {done.path} ({m['kind']}, sparsity {m['sparsity']:g}, batch "

@@ -2,40 +2,13 @@
 import click
 from click.core import ParameterSource
 
-
-class _LazyChoice(click.Choice):
-    """A Choice whose names come from a registry imported only when the command runs or shows help
-    (so `siftc --help` does not import torch)."""
-
-    def __init__(self, load):
-        self._load = load
-        super().__init__([])
-
-    @property
-    def choices(self):
-        return tuple(self._load())
-
-    @choices.setter
-    def choices(self, value):
-        pass
+from siftc.cli.options import defaults
+from siftc.runtime import BACKENDS
+from siftc.sparse import DISTRIBUTIONS, METHODS
+from siftc.train import OPTIMIZERS, TrainConfig
 
 
-def _backends():
-    from siftc.runtime import BACKENDS
-    return sorted(BACKENDS)
-
-
-def _default_backend():
-    return "auto" if "auto" in _backends() else "torch"
-
-
-def _registry(name):
-    def load():
-        import siftc.sparse
-        import siftc.train.config
-        return {"method": siftc.sparse.METHODS, "distribution": siftc.sparse.DISTRIBUTIONS,
-                "optimizer": siftc.train.config.OPTIMIZERS}[name]
-    return load
+DEFAULT = defaults(TrainConfig)
 
 
 class RichProgress:
@@ -71,28 +44,30 @@ class RichProgress:
 @click.option("--data", type=click.Path(), help="A .npz with x/y arrays (classification) or a text file "
               "(byte-level language modelling).")
 @click.option("-o", "--output", type=click.Path(), help="Run directory (checkpoints, metrics, model/).")
-@click.option("--method", type=_LazyChoice(_registry("method")), default="rigl", show_default=True,
+@click.option("--method", type=click.Choice(tuple(METHODS)), default=DEFAULT["method"], show_default=True,
               help="Mask scheduler.")
 @click.option("--steps", type=int, default=None, help="Training steps. [default: 1 epoch]")
 @click.option("--epochs", type=float, default=None, help="Epochs (instead of --steps).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate (constant).")
-@click.option("--optimizer", type=_LazyChoice(_registry("optimizer")), default="adamw", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--backend", type=_LazyChoice(_backends), default=_default_backend,
-              help="Runtime for the sparse layers. [default: auto where available, else torch]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Data order, masks, SET draws.")
-@click.option("--distribution", type=_LazyChoice(_registry("distribution")), default="uniform",
+@click.option("--batch-size", type=int, default=DEFAULT["batch_size"], show_default=True, help="Global batch size.")
+@click.option("--lr", type=float, default=DEFAULT["lr"], show_default=True, help="Learning rate (constant).")
+@click.option("--optimizer", type=click.Choice(tuple(OPTIMIZERS)), default=DEFAULT["optimizer"], show_default=True)
+@click.option("--weight-decay", type=float, default=DEFAULT["weight_decay"], show_default=True)
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT["backend"], show_default=True,
+              help="Runtime for the sparse layers; auto: per layer, the faster of native and torch by a short "
+                   "timing (torch where the native kernels cannot build).")
+@click.option("--seed", type=int, default=DEFAULT["seed"], show_default=True, help="Data order, masks, SET draws.")
+@click.option("--distribution", type=click.Choice(tuple(DISTRIBUTIONS)), default=DEFAULT["distribution"],
               show_default=True, help="uniform: every layer iso-FLOP; erk: total FLOPs iso-FLOP.")
-@click.option("--update-every", type=int, default=100, show_default=True, help="Steps between mask updates.")
-@click.option("--drop-fraction", type=float, default=0.3, show_default=True,
+@click.option("--update-every", type=int, default=DEFAULT["update_every"], show_default=True,
+              help="Steps between mask updates.")
+@click.option("--drop-fraction", type=float, default=DEFAULT["drop_fraction"], show_default=True,
               help="Initial drop fraction, cosine-annealed to 0.")
-@click.option("--end-fraction", type=float, default=0.75, show_default=True,
+@click.option("--end-fraction", type=float, default=DEFAULT["end_fraction"], show_default=True,
               help="No mask updates after this fraction of training.")
-@click.option("--checkpoint-every", type=int, default=200, show_default=True,
+@click.option("--checkpoint-every", type=int, default=DEFAULT["checkpoint_every"], show_default=True,
               help="Steps between checkpoints.")
 @click.option("--eval-every", type=int, default=None, help="Steps between validations. [default: steps/10]")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=int, default=DEFAULT["nproc"], show_default=True,
               help="Processes (torch.distributed, gloo, DDP); the batch is split across them.")
 @click.option("--threads", type=int, default=None,
               help="Intra-op threads per process. [default: torch's, cores / nproc with --nproc]")
@@ -111,8 +86,8 @@ def train(ctx, artifact, data, output, resume, force, quiet, **options):
       siftc train --resume runs/mlp-rigl      # after an interruption
     """
     from siftc.errors import UsageError
-    from siftc.train import TrainConfig
     from siftc.train import train as run_training
+    from siftc.train.loop import check_resumable
 
     progress = None if quiet else RichProgress()
     if resume:
@@ -121,7 +96,8 @@ def train(ctx, artifact, data, output, resume, force, quiet, **options):
         if given:
             raise UsageError(f"--resume takes every setting from {resume}/run.json; drop "
                              f"{', '.join(given)}")
-        summary = run_training(TrainConfig(artifact="", data="", out=resume), progress, resume=True)
+        cfg, _ = check_resumable(resume)  # the settings the run was started with
+        summary = run_training(cfg, progress, resume=True)
     else:
         missing = [flag for flag, v in (("ARTIFACT", artifact), ("--data", data), ("-o", output)) if not v]
         if missing:

@@ -29,6 +29,13 @@ from torch import nn
 from siftc.errors import UsageError
 from siftc.sparse.distribution import sparse_layers
 
+# The paper's schedule, the one default of every scheduler, TrainConfig and `siftc train`: masks change
+# every UPDATE_EVERY steps (its dT), first dropping DROP_FRACTION of each layer's active weights (its a,
+# cosine-annealed to 0), and no longer change after END_FRACTION of training.
+UPDATE_EVERY = 100
+DROP_FRACTION = 0.3
+END_FRACTION = 0.75
+
 
 def cosine_drop_fraction(t: int, a: float, end_step: int) -> float:
     """a/2 * (1 + cos(pi * t / end_step)) before `end_step`, 0 from it on."""
@@ -48,16 +55,16 @@ class Static:
     updates_masks = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *,
-                 update_every: int = 100, drop_fraction: float = 0.3, end_fraction: float = 0.75,
-                 seed: int = 0):
+                 update_every: int = UPDATE_EVERY, drop_fraction: float = DROP_FRACTION,
+                 end_fraction: float = END_FRACTION, seed: int = 0):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise UsageError(f"total_steps={total_steps!r} must be a positive integer")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise UsageError(f"update_every={update_every!r} must be a positive integer (paper: 100)")
+            raise UsageError(f"update_every={update_every!r} must be a positive integer (paper: {UPDATE_EVERY})")
         if not 0 <= drop_fraction <= 1:
-            raise UsageError(f"drop_fraction={drop_fraction!r} must be in [0, 1] (paper: 0.3)")
+            raise UsageError(f"drop_fraction={drop_fraction!r} must be in [0, 1] (paper: {DROP_FRACTION})")
         if not 0 <= end_fraction <= 1:
-            raise UsageError(f"end_fraction={end_fraction!r} must be in [0, 1] (paper: 0.75)")
+            raise UsageError(f"end_fraction={end_fraction!r} must be in [0, 1] (paper: {END_FRACTION})")
         self.model, self.optimizer = model, optimizer
         self.layers = sparse_layers(model)
         self.total_steps, self.update_every = total_steps, update_every

@@ -5,6 +5,7 @@ import torch
 
 from siftc.errors import UsageError
 from siftc.sparse import DISTRIBUTIONS, METHODS
+from siftc.sparse.schedulers import DROP_FRACTION, END_FRACTION, UPDATE_EVERY
 
 OPTIMIZERS = {
     # AdamW: robust on both the MLP and the GPT without tuning (the paper uses it for GPT).
@@ -26,12 +27,12 @@ class TrainConfig:
     lr: float = 1e-3                # AdamW's usual small-model rate
     optimizer: str = "adamw"
     weight_decay: float = 0.0       # short runs on small data do not need it
-    backend: str = "torch"          # any name in siftc.runtime.BACKENDS
+    backend: str = "auto"           # a siftc.runtime.BACKENDS name; auto: per layer, the faster of native/torch
     seed: int = 0                   # data order, mask distribution, SET's draws, dropout
     distribution: str = "uniform"   # uniform keeps every layer iso-FLOP; erk keeps the total
-    update_every: int = 100         # the paper's dT
-    drop_fraction: float = 0.3      # the paper's a, cosine-annealed to 0
-    end_fraction: float = 0.75      # no mask updates after this fraction of training (paper)
+    update_every: int = UPDATE_EVERY      # the paper's dT
+    drop_fraction: float = DROP_FRACTION  # the paper's a, cosine-annealed to 0
+    end_fraction: float = END_FRACTION    # no mask updates after this fraction of training (paper)
     checkpoint_every: int = 200     # steps between checkpoints; a killed run loses at most this many
     eval_every: int | None = None   # steps between validations; None: 10 over the run, and at the end
     log_every: int = 10             # steps averaged into one metrics.jsonl line
@@ -69,7 +70,8 @@ class TrainConfig:
         if not self.weight_decay >= 0:
             raise UsageError(f"weight decay {self.weight_decay!r} must be >= 0")
         if not 0 <= self.drop_fraction <= 1 or not 0 <= self.end_fraction <= 1:
-            raise UsageError("drop fraction and end fraction must be in [0, 1] (paper: 0.3 and 0.75)")
+            raise UsageError(f"drop fraction and end fraction must be in [0, 1] "
+                             f"(paper: {DROP_FRACTION} and {END_FRACTION})")
 
     def to_json(self) -> dict:
         return asdict(self)
