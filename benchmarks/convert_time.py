@@ -21,7 +21,7 @@ import torch
 import siftc
 from siftc.config import KIND_NAMES
 from siftc.errors import SiftcError
-from siftc.trace import load_model
+from siftc.source import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "convert_time.json"

@@ -11,7 +11,7 @@ from siftc import artifact
 from siftc.config import ConvertConfig
 from siftc.convert import convert_module
 from siftc.errors import UsageError
-from siftc.trace import load_model
+from siftc.source import load_model
 
 
 def convert(model: nn.Module | str, kind: str, sparsity: float, example_inputs: tuple | None = None, *,

@@ -9,14 +9,11 @@
 Loading never unpickles code: tensors come back through `torch.load(weights_only=True)`, the rest is
 JSON, and the module structure is rebuilt by importing the recorded model file and re-running the same
 (seeded, deterministic) conversion. Writing goes to a temporary directory renamed into place, so a
-failed save leaves nothing half-written.
+failed save leaves nothing half-written (siftc.store.write_dir).
 """
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,42 +21,12 @@ import torch
 
 from siftc.config import ConvertConfig
 from siftc.errors import ArtifactError, SiftcError, UsageError
+from siftc.source import Source, load_model
+from siftc.store import file_sha256, write_dir
 
 FORMAT = "siftc-artifact"
 VERSION = 2  # 2: sparse layers stored as values inside the mask + mask bits
 FILES = ("siftc.json", "weights.pt", "inputs.pt")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing output unless `force`; called before any work is done."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; choose another -o or pass --force to replace it")
-    return out
-
-
-def write_dir(out: Path, force: bool, fill) -> Path:
-    """Create `out` atomically: `fill(tmpdir)` writes into a sibling temp dir that is renamed into place."""
-    out = check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def save(gm, out: str | os.PathLike, force: bool = False) -> Path:
@@ -77,7 +44,7 @@ def save(gm, out: str | os.PathLike, force: bool = False) -> Path:
             "source": info.source.to_json() if info.source else None,
             "config": info.config.to_json(),
             "report": info.report,
-            "sha256": {f: _sha256(tmp / f) for f in ("weights.pt", "inputs.pt")},
+            "sha256": {f: file_sha256(tmp / f) for f in ("weights.pt", "inputs.pt")},
         }
         (tmp / "siftc.json").write_text(json.dumps(meta, indent=1))
 
@@ -113,7 +80,7 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
             f = path / name
             if not f.is_file():
                 raise ArtifactError(f"{f} is missing: the artifact is incomplete; convert the model again")
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise ArtifactError(f"{f} does not match its checksum: truncated or corrupt; "
                                     f"convert the model again")
     return meta
@@ -145,7 +112,6 @@ def load(path: str | os.PathLike, model=None):
     instance of the same dense model. Returns the GraphModule, with `siftc_info` set.
     """
     from siftc.convert import convert_module
-    from siftc.trace import Source
 
     path = Path(path)
     meta = read_meta(path)
@@ -236,16 +202,12 @@ def _tensors(path: Path) -> tuple[dict, tuple]:
     return state, tuple(inputs)
 
 
-def _rebuild_dense(path: Path, source):
+def _rebuild_dense(path: Path, source: Source):
     """A fresh dense model from the file the artifact names (by its absolute path, so any working
     directory will do), and whether that file changed since conversion."""
-    from siftc.trace import load_model
-
-    factory = source.spec.rpartition(":")[2]
-    spec = f"{source.path}:{factory}" if source.path else source.spec
     try:
-        loaded = load_model(spec, inputs=False)  # the inputs come from inputs.pt
+        loaded = load_model(source.absolute, inputs=False)  # the inputs come from inputs.pt
     except SiftcError as e:
-        raise ArtifactError(f"{path} was converted from {spec}, which cannot be loaded now ({e}); "
+        raise ArtifactError(f"{path} was converted from {source.absolute}, which cannot be loaded now ({e}); "
                             f"restore that file or convert again") from e
-    return loaded.model, bool(source.sha256) and loaded.source.sha256 != source.sha256
+    return loaded.model, source.changed(loaded.source)

@@ -12,7 +12,8 @@ from torch import nn
 from siftc import flops
 from siftc.config import ConvertConfig
 from siftc.passes import KINDS
-from siftc.trace import Source, trace
+from siftc.source import Source
+from siftc.trace import trace
 
 FLOP_TOLERANCE = 0.005  # whole-model weight FLOPs must equal the dense model's within 0.5%
 

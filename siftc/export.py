@@ -1,4 +1,4 @@
-"""ONNX export and its checks.
+"""ONNX export: fold the masks into plain layers, export, check.
 
 A Sparse-IFT model is exported as plain ONNX that any engine can run: every SparseLinear/SparseConv2d
 becomes a plain nn.Linear/nn.Conv2d with its mask folded into the weight as exact zeros (no
@@ -10,44 +10,34 @@ BatchNorm stays a BatchNormalization node for the engine to fold (DeepSparse fus
       branches.0: SparseConv2d + BN + ReLU  ->  Conv(W2 ...)                  -> BatchNormalization -> Relu
       branches.1: SparseConv2d + BN + ReLU      Add
 
-Every export is checked before it is reported done (`check`): the onnx checker, ONNX Runtime outputs
-against the PyTorch model within ATOL + RTOL*|y|, and each sparse weight as stored in the file has
-zeros exactly where the model's mask has them. A sidecar `<file>.json` records the source, kind,
-sparsity, inputs, per-layer densities and FLOPs; `verify(path)` re-runs the checks from it.
+Every export is checked before it is reported done (siftc.export_checks: the onnx checker, ONNX Runtime
+outputs against the PyTorch model within ATOL + RTOL*|y|, and each sparse weight as stored in the file
+has zeros exactly where the model's mask has them). A sidecar `<file>.json` (siftc.store) records the
+source, kind, sparsity, inputs, per-layer densities and FLOPs; `verify(path)` re-runs the checks from it.
 """
 import contextlib
 import copy
-import json
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from siftc import flops
-from siftc.errors import SiftcError, UsageError
+from siftc import flops, store
+from siftc.errors import UsageError
+from siftc.export_checks import ATOL, DYNAMIC_CHECK_BATCH, RTOL, ExportCheckError, check, reference_outputs
+from siftc.source import LoadedModel, input_specs, make_inputs, resolve
+from siftc.store import read_sidecar, sidecar_path
 
-FORMAT = "siftc-onnx"
-VERSION = 1
 # 17: LayerNorm is one op, SDPA exports (>= 14); DeepSparse 1.8 and ORT both run it. See the README's
 # export-settings table for the opsets measured.
 DEFAULT_OPSET = 17
 # DESIGN section 6's floor. A model with scaled_dot_product_attention (the GPT example) needs >= 14: below,
 # the exporter fails with ExportCheckError naming the op and the opset.
 MIN_OPSET = 11
-ATOL = 1e-4        # |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, float32
-RTOL = 1e-3
-SEED = 0           # torch seed while building a model.py's dense model, so rebuild() gets the same weights
-DYNAMIC_CHECK_BATCH = 3  # a dynamic-batch export is also run at this batch, to prove the axis is free
-
-
-class ExportCheckError(SiftcError):
-    """An exported file failed a check: invalid ONNX, outputs off, or a weight's zeros not the mask's."""
 
 
 @dataclass
@@ -55,56 +45,6 @@ class Exported:
     path: Path
     sidecar: Path
     meta: dict
-
-
-def sidecar_path(path) -> Path:
-    """model.onnx -> model.onnx.json"""
-    return Path(str(path) + ".json")
-
-
-# ---------------------------------------------------------------------------------------- sources
-
-@dataclass
-class Source:
-    model: nn.Module          # unfolded (sparse layers keep their masks)
-    example_inputs: tuple
-    meta: dict                # {"type": "artifact"|"model", "spec"/"path", ...}
-    report: dict | None       # the conversion report, for an artifact
-
-
-def resolve(source) -> Source:
-    """An artifact directory, a "model.py[:factory]" spec (the dense baseline), or a model returned
-    by siftc.convert / siftc.load."""
-    from siftc.artifact import read_meta
-    from siftc.trace import load_model
-
-    if isinstance(source, nn.Module):
-        info = getattr(source, "siftc_info", None)
-        if info is None:
-            raise UsageError("export takes a model from siftc.convert/siftc.load, an artifact directory "
-                             "or a 'model.py[:factory]' spec; for a plain nn.Module pass its spec")
-        # Only its artifact could rebuild it (bench's torch engine, verify): save it and export that.
-        src = {"type": "in-memory", "converted_from": info.source.spec if info.source else None}
-        return Source(source, tuple(info.example_inputs), src, info.report)
-    text = str(source)
-    path = Path(text)
-    if path.is_dir():
-        import siftc
-        meta = read_meta(path)
-        gm = siftc.load(path)
-        src = {"type": "artifact", "path": str(path.resolve()), "model": meta.get("source")}
-        return Source(gm, tuple(gm.siftc_info.example_inputs), src, gm.siftc_info.report)
-    file_part = text.partition(":")[0]
-    if not Path(file_part).exists() and (file_part.endswith(".py") or "/" in file_part):
-        raise UsageError(f"{text} not found; pass an artifact directory (siftc convert -o) or model.py[:factory]")
-    if Path(file_part).is_file() and Path(file_part).suffix != ".py":
-        raise UsageError(f"{file_part} is neither an artifact directory nor a model.py; pass what siftc convert -o "
-                         f"wrote, or the dense model.py[:factory]")
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)  # the dense baseline's weights are its factory's init: make them reproducible
-        loaded = load_model(text)
-    return Source(loaded.model, tuple(loaded.example_inputs),
-                  {"type": "model", **loaded.source.to_json(), "seed": SEED}, None)
 
 
 # ------------------------------------------------------------------------------------------- fold
@@ -127,34 +67,6 @@ def fold(model: nn.Module) -> tuple[nn.Module, dict]:
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded, masks
-
-
-def make_inputs(example_inputs: tuple, batch: int, seed: int = 0) -> tuple:
-    """Inputs like the example's with batch `batch` on dim 0: floats ~ N(0, 1), integers (token ids)
-    uniform over the example's range, booleans repeated."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for x in example_inputs:
-        shape = (batch, *x.shape[1:])
-        if x.dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=g, dtype=x.dtype))
-        elif x.dtype == torch.bool:
-            out.append(x[:1].expand(shape).clone())
-        else:
-            lo, hi = int(x.min()), int(x.max())
-            out.append(torch.randint(lo, hi + 1, shape, generator=g, dtype=x.dtype))
-    return tuple(out)
-
-
-def input_specs(example_inputs: tuple, names: list[str], batch) -> list[dict]:
-    """What bench needs to make valid inputs: name, shape (dim 0 is "batch" if dynamic), dtype, range."""
-    specs = []
-    for name, x in zip(names, example_inputs):
-        spec = {"name": name, "shape": [batch, *x.shape[1:]], "dtype": str(x.dtype).removeprefix("torch.")}
-        if not x.dtype.is_floating_point and x.dtype != torch.bool:
-            spec["low"], spec["high"] = int(x.min()), int(x.max())
-        specs.append(spec)
-    return specs
 
 
 def _input_names(model: nn.Module, n: int) -> list[str]:
@@ -187,8 +99,7 @@ def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, o
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UsageError(f"opset {opset!r} is too old; siftc exports opset >= {MIN_OPSET}, e.g. --opset 17")
     for p in (out, sidecar_path(out)):
-        if p.exists() and not force:
-            raise UsageError(f"output {p} already exists; choose another -o or pass --force to replace it")
+        store.check_output(p, force)
 
     say("loading model")
     src = resolve(source)
@@ -201,9 +112,7 @@ def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, o
     want = reference_outputs(folded, inputs)
     out_names = ["output"] if len(want) == 1 else [f"output_{i}" for i in range(len(want))]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with store.scratch_dir(out) as tmp:
         tmp_onnx = tmp / out.name
         say(f"exporting ONNX opset {opset}")
         _torch_export(folded, inputs, tmp_onnx, in_names, out_names, opset, dynamic_batch)
@@ -211,16 +120,9 @@ def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, o
         checks = check(tmp_onnx, folded, inputs, masks, atol=atol, rtol=rtol, want=want,
                        other_batch=DYNAMIC_CHECK_BATCH if dynamic_batch else None,
                        example_inputs=src.example_inputs)
-        meta = _sidecar(src, masks, folded, in_names, out_names, None if dynamic_batch else batch,
-                        opset, checks, out.name)
-        tmp_side = sidecar_path(tmp_onnx)
-        tmp_side.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_side, sidecar_path(out))
-        os.replace(tmp_onnx, out)  # last: a model.onnx on disk always has its sidecar
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        meta = store.write_sidecar(out, _sidecar(src, masks, folded, in_names, out_names,
+                                                 None if dynamic_batch else batch, opset, checks, out.name))
+        store.place(tmp_onnx, out)  # last: a model.onnx on disk always has its sidecar
     return Exported(out, sidecar_path(out), meta)
 
 
@@ -257,95 +159,9 @@ def _stdout_to_devnull():
         os.close(saved)
 
 
-# ------------------------------------------------------------------------------------------ checks
-
-def check(path, folded: nn.Module, inputs: tuple, masks: dict, *, atol=ATOL, rtol=RTOL, want=None,
-          other_batch: int | None = None, example_inputs: tuple | None = None) -> dict:
-    """All three checks on the file at `path`; raises ExportCheckError on the first failure and
-    returns what it measured. `want`: `reference_outputs(folded, inputs)` if already computed."""
-    import onnx
-    model = onnx.load(str(path))
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise ExportCheckError(f"{path} fails the onnx checker: {str(e).splitlines()[0]}") from e
-    weights = check_sparsity(model, folded, masks, path)
-    err = check_outputs(path, folded, inputs, atol, rtol, want=want)
-    if other_batch is not None:
-        err = max(err, check_outputs(path, folded, make_inputs(example_inputs, other_batch, seed=1), atol, rtol))
-    return {"onnx_checker": "passed", "max_abs_error": err, "atol": atol, "rtol": rtol,
-            "sparsity": "passed", "weights": weights}
-
-
-def reference_outputs(folded: nn.Module, inputs: tuple) -> list[np.ndarray]:
-    """The PyTorch model's outputs on `inputs`, as a list of arrays."""
-    with torch.no_grad():
-        y = folded(*inputs)
-    return [t.numpy() for t in (y if isinstance(y, (tuple, list)) else (y,))]
-
-
-def check_outputs(path, folded: nn.Module, inputs: tuple, atol=ATOL, rtol=RTOL, want=None) -> float:
-    """ONNX Runtime against PyTorch on `inputs` (`want`: the PyTorch outputs, if already computed);
-    returns the largest absolute error."""
-    import onnxruntime as ort
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
-    got = sess.run(None, feed)
-    if want is None:
-        want = reference_outputs(folded, inputs)
-    worst = 0.0
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g.shape != w.shape:
-            raise ExportCheckError(f"{path}: output {i} has shape {g.shape} in ONNX Runtime, {w.shape} in PyTorch")
-        diff = np.abs(g.astype(np.float64) - w)
-        worst = max(worst, float(diff.max(initial=0.0)))
-        bad = diff > atol + rtol * np.abs(w)
-        if bad.any():
-            raise ExportCheckError(f"{path}: output {i} differs from PyTorch by up to {diff.max():.3g} at "
-                                   f"{int(bad.sum())} elements (allowed {atol:g} + {rtol:g}*|y|)")
-    return worst
-
-
-def check_sparsity(model, folded: nn.Module, masks: dict, path="model") -> list[dict]:
-    """Each masked weight as stored in the file: found by its values on the mask (as is or
-    transposed, which is how a Linear's weight lands in a MatMul), then required to be exactly zero
-    off the mask. Returns one record per sparse layer: name, initializer, shape, nnz, density."""
-    from onnx import numpy_helper
-    inits = {}
-    for t in model.graph.initializer:
-        inits.setdefault(tuple(t.dims), []).append(t)
-    records = []
-    for name, mask in masks.items():
-        w = folded.get_submodule(name).weight.detach().numpy()
-        m = mask.numpy()
-        found = None
-        for cand, cmask in ((w, m), (w.T, m.T)) if w.ndim == 2 else ((w, m),):
-            named = [t for t in inits.get(cand.shape, []) if t.name == f"{name}.weight"]  # the usual case
-            for t in named + inits.get(cand.shape, []):
-                arr = numpy_helper.to_array(t)
-                if np.array_equal(arr[cmask], cand[cmask]):
-                    found = (t.name, arr, cmask)
-                    break
-            if found:
-                break
-        if found is None:
-            raise ExportCheckError(f"{path}: no initializer stores the weight of sparse layer {name} "
-                                   f"(shape {tuple(w.shape)}); the file does not match the model")
-        init_name, arr, cmask = found
-        off = int(np.count_nonzero(arr[~cmask]))
-        if off:
-            raise ExportCheckError(f"{path}: weight of {name} (initializer {init_name}) has {off} non-zeros "
-                                   f"outside the mask ({np.count_nonzero(arr)} stored, mask allows "
-                                   f"{int(cmask.sum())}); the file is not the model's sparse weight")
-        nnz = int(np.count_nonzero(arr))
-        records.append({"name": name, "initializer": init_name, "shape": list(w.shape), "nnz": nnz,
-                        "mask_nnz": int(m.sum()), "density": nnz / arr.size})
-    return records
-
-
 # ----------------------------------------------------------------------------------------- sidecar
 
-def _sidecar(src: Source, masks, folded, in_names, out_names, batch, opset, checks, filename) -> dict:
+def _sidecar(src: LoadedModel, masks, folded, in_names, out_names, batch, opset, checks, filename) -> dict:
     fc = flops.count(src.model, src.example_inputs)
     per_weight = {r["name"]: r for r in checks["weights"]}
     layers = []
@@ -359,8 +175,8 @@ def _sidecar(src: Source, masks, folded, in_names, out_names, batch, opset, chec
     report = src.report or {}
     params = sum(p.numel() for p in folded.parameters())
     return {
-        "format": FORMAT, "version": VERSION, "file": filename,
-        "source": src.meta,
+        "file": filename,
+        "source": src.origin,
         "kind": report.get("kind", "dense"),
         "sparsity": report.get("sparsity", 0.0),
         "config": report.get("config"),
@@ -373,18 +189,6 @@ def _sidecar(src: Source, masks, folded, in_names, out_names, batch, opset, chec
         "checks": {k: v for k, v in checks.items() if k != "weights"},
         "versions": {"torch": torch.__version__, "onnx": __import__("onnx").__version__},
     }
-
-
-def read_sidecar(path) -> dict | None:
-    """The sidecar of an exported file, or None for an ONNX file siftc did not write."""
-    side = sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{side} is corrupt ({e}); export the model again") from e
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def rebuild(path) -> tuple[nn.Module, dict, tuple]:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import siftc
-from siftc.artifact import _sha256
 from siftc.errors import ArtifactError
 from siftc.nn.sparse import SPARSE_LAYERS
+from siftc.store import file_sha256
 
 from conftest import ROOT, spec_path
 
@@ -98,7 +98,7 @@ def test_pickled_code_is_refused(tmp_path, target):
     bad = {"payload": Payload(marker)} if target == "weights.pt" else [Payload(marker)]
     torch.save(bad, art / target)
     meta = json.loads((art / "siftc.json").read_text())
-    meta["sha256"][target] = _sha256(art / target)  # a consistent artifact: only the pickle guard is left
+    meta["sha256"][target] = file_sha256(art / target)  # a consistent artifact: only the pickle guard is left
     (art / "siftc.json").write_text(json.dumps(meta))
 
     with pytest.raises(ArtifactError, match=rf"cannot read tensors of .*art.*convert again"):
@@ -137,7 +137,7 @@ def test_values_that_do_not_fit_the_mask_are_refused(tmp_path):
     state[key] = state[key][:-1]
     torch.save(state, art / "weights.pt")
     meta = json.loads((art / "siftc.json").read_text())
-    meta["sha256"]["weights.pt"] = _sha256(art / "weights.pt")  # consistent checksums: only the count is off
+    meta["sha256"]["weights.pt"] = file_sha256(art / "weights.pt")  # consistent checksums: only the count is off
     (art / "siftc.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=r"values for .*weight but its mask has .*corrupt"):
         siftc.load(art)

@@ -214,7 +214,7 @@ def test_installed_script(tmp_path):
 
 
 def test_help_example_names_a_real_model():
-    from siftc.trace import load_model
+    from siftc.source import load_model
 
     result = siftc_cli("--help")
     specs = re.findall(r"siftc convert (\S+)", result.stdout)

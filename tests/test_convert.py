@@ -7,7 +7,7 @@ import siftc
 from siftc import flops, solve
 from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.passes.select import fan_in_out
-from siftc.trace import load_model
+from siftc.source import load_model
 
 from conftest import EXAMPLE_SPECS, spec_path
 

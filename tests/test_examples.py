@@ -128,7 +128,7 @@ def test_docstring_commands_load(filename):
     """Each `siftc convert <spec> --kind <kind>` in a docstring names a spec siftc's loader resolves, with
     inputs that fit, and a kind siftc implements."""
     from siftc.passes import KINDS
-    from siftc.trace import load_model
+    from siftc.source import load_model
 
     doc = load_example(filename).__doc__
     assert "siftc inspect " in doc

@@ -22,9 +22,12 @@ from torch import nn
 
 import siftc
 from siftc import export as ex
+from siftc import export_checks
 from siftc.cli import main
 from siftc.errors import UsageError
 from siftc.passes import KINDS
+from siftc.source import make_inputs
+from siftc.store import read_sidecar
 
 CASES = [pytest.param(spec, kind, id=f"{spec.rsplit(':', 1)[1]}-{kind}") for spec in EXAMPLE_SPECS for kind in sorted(KINDS)]
 
@@ -51,7 +54,7 @@ def test_every_example_and_kind_exports_checked(tmp_path, spec, kind):
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), "only standard ONNX ops"
     assert not any(t.data_type == onnx.TensorProto.BOOL for t in model.graph.initializer), "no masks stored"
     # Independent of export's own check: ORT on the file against the converted (masked) model itself.
-    inputs = ex.make_inputs(gm.siftc_info.example_inputs, 2, seed=5)
+    inputs = make_inputs(gm.siftc_info.example_inputs, 2, seed=5)
     with torch.no_grad():
         want = gm.eval()(*inputs)
     np.testing.assert_allclose(_ort(done.path, inputs)[0], want.numpy(), atol=ex.ATOL, rtol=ex.RTOL)
@@ -80,7 +83,7 @@ def test_artifact_route_every_kind(tmp_path, kind):
     assert done.meta["source"]["type"] == "artifact" and done.meta["kind"] == kind
     assert ex.verify(done.path)["sparsity"] == "passed"  # rebuilt from the artifact: same zeros, same outputs
     folded, _, _ = ex.rebuild(done.path)
-    x = ex.make_inputs(gm.siftc_info.example_inputs, 2, seed=7)
+    x = make_inputs(gm.siftc_info.example_inputs, 2, seed=7)
     with torch.no_grad():
         np.testing.assert_allclose(folded(*x).numpy(), gm.eval()(*x).numpy(), atol=ex.ATOL, rtol=ex.RTOL)
 
@@ -92,7 +95,7 @@ def test_dense_model_py_dynamic_batch(tmp_path):
     folded, masks, example = ex.rebuild(done.path)  # same weights again: the factory ran under a seed
     assert masks == {}
     for batch in (1, 5):
-        x = ex.make_inputs(example, batch, seed=batch)
+        x = make_inputs(example, batch, seed=batch)
         np.testing.assert_allclose(_ort(done.path, x)[0], folded(*x).detach().numpy(), atol=1e-4, rtol=1e-3)
 
 
@@ -111,7 +114,7 @@ def test_no_mask_multiply_and_batchnorm_left_for_the_engine(tmp_path):
 def test_tampered_weight_is_caught(tmp_path, mlp_artifact):
     path = ex.export(mlp_artifact, tmp_path / "m.onnx", batch=1).path
     assert ex.verify(path)["sparsity"] == "passed"
-    meta = ex.read_sidecar(path)
+    meta = read_sidecar(path)
     target = next(layer["initializer"] for layer in meta["layers"] if layer["initializer"])
     model = onnx.load(str(path))
     for t in model.graph.initializer:
@@ -177,7 +180,7 @@ def test_opset_too_old_for_the_model_is_one_clear_error(tmp_path):
 def test_failed_check_leaves_no_file(tmp_path, mlp_artifact, monkeypatch):
     def fails(*args, **kwargs):
         raise ex.ExportCheckError("outputs off (test)")
-    monkeypatch.setattr(ex, "check_outputs", fails)
+    monkeypatch.setattr(export_checks, "check_outputs", fails)
     with pytest.raises(ex.ExportCheckError, match="outputs off"):
         ex.export(mlp_artifact, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []  # neither the file, its sidecar nor the temporary directory
@@ -188,4 +191,4 @@ def test_cli_export_subprocess(tmp_path):
     proc = subprocess.run([str(Path(sys.executable).parent / "siftc"), "export", spec_path("examples/mlp.py"), "-o", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert out.is_file() and ex.read_sidecar(out)["kind"] == "dense"
+    assert out.is_file() and read_sidecar(out)["kind"] == "dense"

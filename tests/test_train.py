@@ -211,17 +211,37 @@ def test_two_process_ddp_ranks_agree(work, tmp_path):
     from siftc.train.loop import prepare, start
     prepare(cfg)
     info = start(cfg)
-    launch(cfg, info["run_id"], dump_rank_state=True)
-    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
+    launch(cfg, info["run_id"])  # raises if the ranks' weights or masks differ in a single bit
+    final = read_state(tmp_path / "ddp" / "model")  # rank 0's, saved at the end
     initial = read_state(work / "clf")
-    masks = [k for k in r0 if k.endswith(".mask")]
-    assert masks and any(not torch.equal(r0[k], initial[k]) for k in masks)  # RigL moved them
-    assert all(r0[k].sum() == initial[k].sum() for k in masks)
+    masks = [k for k in final if k.endswith(".mask")]
+    assert masks and any(not torch.equal(final[k], initial[k]) for k in masks)  # RigL moved them
+    assert all(final[k].sum() == initial[k].sum() for k in masks)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["mask_updates"] == 2 and summary["nproc"] == 2  # steps 5 and 10 (< 15)
+
+
+def _ranks_agree_worker(rank: int, port: int):
+    """Two ranks with the same numbers, except that rank 1 has two of them swapped: the same sum."""
+    from siftc.train.loop import _check_ranks_agree
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            model.weight.copy_(torch.arange(6.0).view(2, 3))
+            model.bias.zero_()
+            if rank == 1:
+                model.weight[0, 0], model.weight[0, 1] = 1.0, 0.0
+        _check_ranks_agree(model)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_check_ranks_agree_is_exact():
+    from siftc.train.distributed import free_port
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="rank 1 diverged from rank 0 at weight"):
+        torch.multiprocessing.spawn(_ranks_agree_worker, args=(free_port(),), nprocs=2)
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -20,7 +20,8 @@ from siftc.errors import UsageError
 from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.passes.groups import analyse
 from siftc.passes.reshape_rules import HEADS
-from siftc.trace import load_model, trace
+from siftc.source import load_model
+from siftc.trace import trace
 
 from conftest import EXAMPLE_SPECS, spec_path
 from models_wide import GRAPHS, NoRule

@@ -69,7 +69,7 @@ def sparse_weight_nodes(path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from siftc.export import read_sidecar
+    from siftc.store import read_sidecar
     model = onnx.load(str(path))
     meta = read_sidecar(path)
     if meta is not None:

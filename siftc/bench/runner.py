@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from siftc import source
 from siftc.bench.engine import ENGINES, get_engine
 from siftc.errors import EngineError, UsageError
 
@@ -68,7 +69,7 @@ class BenchConfig:
 @dataclass
 class ModelFile:
     path: Path
-    inputs: list          # [{"name", "shape" (dim 0 int or a name), "dtype", optional "low"/"high"}]
+    inputs: list          # source.input_specs records: {"name", "shape" (dim 0 int or a name), "dtype", ...}
     static_batch: int | None
     meta: dict | None     # siftc sidecar, if any
 
@@ -85,7 +86,7 @@ def open_model(path) -> ModelFile:
     """Read a file's inputs (from the ONNX graph) and siftc sidecar; errors name the file and the fix."""
     import onnx
 
-    from siftc.export import read_sidecar
+    from siftc.store import read_sidecar
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"model file {path} not found; pass an .onnx file written by siftc export")
@@ -109,7 +110,7 @@ def open_model(path) -> ModelFile:
         tt = i.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         spec = {"name": i.name, "shape": shape, "dtype": _ONNX_DTYPES.get(tt.elem_type, "float32")}
-        spec.update({k: v for k, v in by_name.get(i.name, {}).items() if k in ("low", "high")})
+        spec.update({k: v for k, v in by_name.get(i.name, {}).items() if k in ("low", "high", "bits")})
         inputs.append(spec)
     batch_dims = {s["shape"][0] for s in inputs if s["shape"]}
     static = next(iter(batch_dims)) if len(batch_dims) == 1 and isinstance(next(iter(batch_dims)), int) else None
@@ -121,22 +122,13 @@ def open_model(path) -> ModelFile:
 
 
 def make_inputs(mf: ModelFile, batch: int, seed: int) -> list:
-    """Arrays for `batch`: floats ~ N(0, 1), integers uniform over the sidecar's range (token ids)."""
+    """Arrays for `batch`, made as siftc.source.make_inputs makes them from the sidecar's input specs
+    (integers over their range, a boolean input its example's pattern)."""
     if mf.static_batch is not None and mf.static_batch != batch:
         raise UsageError(f"batch {batch} does not fit {mf.path}, exported with static batch {mf.static_batch}; "
                          f"bench it with --batch {mf.static_batch}, or re-export with --batch {batch} "
                          f"or --dynamic-batch")
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for s in mf.inputs:
-        shape = [batch, *s["shape"][1:]]
-        if s["dtype"].startswith("float"):
-            arrays.append(rng.standard_normal(shape).astype(s["dtype"]))
-        elif s["dtype"] == "bool":
-            arrays.append(np.ones(shape, dtype=bool))
-        else:
-            arrays.append(rng.integers(s.get("low", 0), s.get("high", 0) + 1, size=shape).astype(s["dtype"]))
-    return arrays
+    return [x.numpy() for x in source.make_inputs(mf.inputs, batch, seed)]
 
 
 # ------------------------------------------------------------------------------------------- stats

@@ -12,6 +12,7 @@ from pathlib import Path
 from siftc import export as ex
 from siftc.bench.runner import BenchConfig, bench
 from siftc.errors import UsageError
+from siftc.store import read_sidecar
 
 
 def point_paths(out_dir: Path, kind: str, sparsity: float) -> tuple[Path | None, Path]:
@@ -23,7 +24,7 @@ def point_paths(out_dir: Path, kind: str, sparsity: float) -> tuple[Path | None,
 
 
 def _reusable(onnx_path: Path, spec: str, kind: str, sparsity: float, batch, opset: int, round_to: int) -> bool:
-    meta = ex.read_sidecar(onnx_path) if onnx_path.is_file() else None
+    meta = read_sidecar(onnx_path) if onnx_path.is_file() else None
     if meta is None:
         return False
     src = meta["source"].get("model") or meta["source"]  # artifact -> its model source

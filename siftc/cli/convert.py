@@ -60,10 +60,10 @@ def convert(model, kind, sparsity, output, keep_dense, no_keep_dense, branch_act
     from pathlib import Path
 
     import siftc
-    from siftc.artifact import check_output
     from siftc.cli.inspect import print_report
     from siftc.errors import UsageError
-    from siftc.trace import parse_shape
+    from siftc.source import parse_shape
+    from siftc.store import check_output
 
     if no_keep_dense and keep_dense:
         raise UsageError("--keep-dense and --no-keep-dense contradict each other; pass one of them")

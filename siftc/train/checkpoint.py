@@ -6,32 +6,23 @@
     RUN/metrics.jsonl   one JSON record per line (train loss, evaluations, mask updates)
     RUN/loss.png, RUN/summary.json, RUN/model/  written at the end (model/ is a siftc artifact)
 
-A checkpoint is written to a temporary file, fsync'ed and renamed over the old one, so a kill at any
-moment leaves either the old or the new checkpoint, never half of one. It is read back with
+A checkpoint is written to a temporary file, fsync'ed and renamed over the old one (siftc.store), so a
+kill at any moment leaves either the old or the new checkpoint, never half of one. It is read back with
 `torch.load(weights_only=True)`: tensors and plain data, no pickled code.
 """
 import hashlib
 import json
-import os
-import tempfile
 import uuid
 from pathlib import Path
 
 import torch
 
 from siftc.errors import UsageError
+from siftc.store import write_file, write_json
 
 RUN_FORMAT = "siftc-run"
 CKPT_FORMAT = "siftc-checkpoint"
 VERSION = 1
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def artifact_digest(artifact) -> str:
@@ -44,7 +35,7 @@ def artifact_digest(artifact) -> str:
 def write_run(run: Path, config: dict, artifact_sha: str, data_sha: str) -> dict:
     info = {"format": RUN_FORMAT, "version": VERSION, "run_id": uuid.uuid4().hex, "config": config,
             "artifact_sha": artifact_sha, "data_sha": data_sha}
-    _atomic_write(run / "run.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    write_json(run / "run.json", info)
     return info
 
 
@@ -66,7 +57,7 @@ def read_run(run) -> dict:
 def save(run: Path, state: dict):
     """Write RUN/checkpoint.pt atomically."""
     state = {"format": CKPT_FORMAT, "version": VERSION, **state}
-    _atomic_write(run / "checkpoint.pt", lambda f: torch.save(state, f))
+    write_file(run / "checkpoint.pt", lambda f: torch.save(state, f))
 
 
 def load(run: Path, run_id: str) -> dict | None:
@@ -86,21 +77,3 @@ def load(run: Path, run_id: str) -> dict | None:
         raise UsageError(f"{path} belongs to another run (run id {state.get('run_id')}, this run is "
                          f"{run_id}); resume the run it came from, or delete it to restart from step 0")
     return state
-
-
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)

@@ -23,19 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: TrainConfig, run_id: str, progress=None, dump_rank_state: bool = False):
+def launch(cfg: TrainConfig, run_id: str, progress=None):
     """Run `cfg` in cfg.nproc processes and wait for all of them."""
     port = free_port()
-    mp.spawn(_worker, args=(cfg, run_id, progress, port, dump_rank_state), nprocs=cfg.nproc, join=True)
+    mp.spawn(_worker, args=(cfg, run_id, progress, port), nprocs=cfg.nproc, join=True)
 
 
-def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int, dump_rank_state: bool):
+def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int):
     from siftc.train.loop import run
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc))
     dist.init_process_group("gloo", rank=rank, world_size=cfg.nproc)
     try:
-        run(cfg, run_id, progress, rank=rank, world=cfg.nproc, dump_rank_state=dump_rank_state)
+        run(cfg, run_id, progress, rank=rank, world=cfg.nproc)
     finally:
         dist.destroy_process_group()

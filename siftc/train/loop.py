@@ -8,7 +8,6 @@ The library never prints: pass `progress`, a callable taking event dicts ({"even
 "eval" | "end", ...}); only rank 0 calls it.
 """
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import siftc
-from siftc.artifact import check_output
 from siftc.errors import UsageError
 from siftc.runtime import set_backend
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
+from siftc.store import check_output, file_sha256, write_file, write_json
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.flops import training_flops
@@ -46,7 +45,7 @@ def start(cfg: TrainConfig, force: bool = False) -> dict:
     for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.png"):
         (out / stale).unlink(missing_ok=True)
     return checkpoint.write_run(out, cfg.to_json(), checkpoint.artifact_digest(cfg.artifact),
-                                checkpoint.file_sha256(cfg.data))
+                                file_sha256(cfg.data))
 
 
 def check_resumable(run) -> tuple[TrainConfig, dict]:
@@ -55,7 +54,7 @@ def check_resumable(run) -> tuple[TrainConfig, dict]:
     cfg = TrainConfig.from_json({**info["config"], "out": str(run)})
     for what, path, digest, now in (
             ("artifact", cfg.artifact, info["artifact_sha"], lambda p: checkpoint.artifact_digest(p)),
-            ("data", cfg.data, info["data_sha"], checkpoint.file_sha256)):
+            ("data", cfg.data, info["data_sha"], file_sha256)):
         if not Path(path).exists():
             raise UsageError(f"the run's {what} {path} is gone; restore it to resume {run}")
         if now(path) != digest:
@@ -83,10 +82,8 @@ def train(cfg: TrainConfig, progress=None, force: bool = False, resume: bool = F
     return json.loads((Path(cfg.out) / "summary.json").read_text())
 
 
-def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1,
-        dump_rank_state: bool = False, prepared=None) -> None:
-    """One process's share of the run (all of it when world == 1). `dump_rank_state` (tests,
-    debugging) writes this rank's final state dict to RUN/rank<r>.pt."""
+def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1, prepared=None) -> None:
+    """One process's share of the run (all of it when world == 1)."""
     out = Path(cfg.out)
     lead = rank == 0
     if cfg.threads and world == 1:
@@ -146,8 +143,6 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
                         lead)
     if world > 1:
         _check_ranks_agree(model)
-    if dump_rank_state:
-        torch.save(model.state_dict(), out / f"rank{rank}.pt")
     if lead:
         summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0)
         log.f.close()
@@ -223,12 +218,22 @@ def _restore(model, optimizer, sched, state, rank, out):
 
 
 def _check_ranks_agree(model):
-    """Weights and masks must be bitwise equal on every rank; a mismatch is a siftc bug."""
-    digest = torch.stack([t.double().sum() for t in model.state_dict().values()])
-    ref = digest.clone()
-    dist.broadcast(ref, src=0)
-    if not torch.equal(ref, digest):
-        raise RuntimeError(f"siftc bug: rank {dist.get_rank()} diverged from rank 0 (weights or masks)")
+    """Weights and masks must be bitwise equal on every rank; a mismatch is a siftc bug. Rank 0's
+    tensors are broadcast as raw bytes (so a NaN or a -0.0 has to match too), and every rank learns
+    of any mismatch, so all of them stop with the same message."""
+    off = []
+    for name, t in model.state_dict().items():
+        mine = t.detach().contiguous().reshape(-1).view(torch.uint8)  # (numel * itemsize,)
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        if not torch.equal(ref, mine):
+            off.append(name)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, off)
+    bad = [(rank, names) for rank, names in enumerate(every) if names]
+    if bad:
+        rank, names = bad[0]
+        raise RuntimeError(f"siftc bug: rank {rank} diverged from rank 0 at {', '.join(names)}")
 
 
 def _finish(cfg, model, steps, flop, sched, elapsed, log, step0) -> dict:
@@ -242,7 +247,7 @@ def _finish(cfg, model, steps, flop, sched, elapsed, log, step0) -> dict:
                "mask_updates": sched.updates, "flops": flop,
                "nnz": {n: layer.nnz for n, layer in sparse_layers(model).items()},
                **({k: evals[-1][k] for k in ("val_loss", "val_acc")} if evals else {})}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     plot_losses(records, out / "loss.png", title=f"{Path(cfg.artifact).name} · {cfg.method}")
     return summary
 
@@ -263,7 +268,5 @@ def plot_losses(records: list, path: Path, title: str = ""):
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
