@@ -192,3 +192,33 @@ def test_cli_export_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and read_sidecar(out)["kind"] == "dense"
+
+
+MASKED = '''
+import torch
+from torch import nn
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, drop):  # (B, 4), (B, 4) bool: True drops a logit
+        return torch.softmax(self.fc(x).masked_fill(drop, float("-inf")), -1)
+
+def build():
+    return Masked()
+
+def example_inputs():
+    return torch.randn(1, 4), torch.tensor([[True, False, False, True]])
+'''
+
+
+def test_a_bool_input_keeps_its_pattern_from_export_to_bench(tmp_path):
+    from siftc.bench.runner import make_inputs as bench_inputs, open_model
+    (tmp_path / "masked.py").write_text(MASKED)
+    done = ex.export(str(tmp_path / "masked.py"), tmp_path / "m.onnx", batch=3)
+    x, drop = bench_inputs(open_model(done.path), 3, seed=0)
+    assert (drop == np.array([[True, False, False, True]] * 3)).all()  # all True would drop every logit
+    (y,) = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"]).run(None, {"x": x, "drop": drop})
+    assert np.isfinite(y).all() and np.allclose(y.sum(-1), 1)
