@@ -37,9 +37,9 @@ def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
-        gm, records, *extra = KINDS[cfg.kind](gm, cfg, generator)
-    report = build_report(gm, cfg, records, dense, dense_params)
-    report.update(extra[0] if extra else {})  # a pass's own report entries (wide: "groups")
+        gm, result = KINDS[cfg.kind](gm, cfg, generator)
+    report = build_report(gm, cfg, result.layers, dense, dense_params)
+    report.update(result.report_entries())  # a pass's own report entries (wide: "groups")
     ratio = report["flop_ratio"]
     if abs(ratio - 1) > FLOP_TOLERANCE:
         raise RuntimeError(f"siftc bug: {cfg.kind} at sparsity {cfg.sparsity} gives {ratio:.4f}x the "
@@ -50,13 +50,9 @@ def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
 
 def build_report(gm, cfg: ConvertConfig, records, dense: flops.FlopCount,
                  dense_params: int) -> dict:
-    """Per-layer and total FLOPs, all from `siftc.flops` (the converted model at the dense positions)."""
-    names = [r.name for r in records]
-    fc = flops.count_transformed(gm, dense, extra_under=tuple(names))
-    for r in records:
-        prefix = r.name + "."
-        r.flops = sum(v for k, v in fc.layers.items() if k == r.name or k.startswith(prefix))
-        r.dense_flops = dense.layers.get(r.name, 0)
+    """Total FLOPs from `siftc.flops` (the converted model at the dense positions); the records carry
+    their own, counted by the pass with the same functions."""
+    fc = flops.count_transformed(gm, dense, extra_under=tuple(r.name for r in records))
     return {
         "kind": cfg.kind,
         "sparsity": cfg.sparsity,

@@ -1,17 +1,23 @@
 """The one FLOP count: passes, reports, tests and benchmarks all use it.
 
-Weight FLOPs = 2 x multiply-accumulates of weight layers (Linear, Conv2d), each counted at its
-non-zeros: a SparseLinear with nnz non-zeros producing P output positions costs 2 * nnz * P.
-Embeddings are look-ups (0 FLOPs). Non-weight work that a transformation adds (the BatchNorms in
-parallel branches or the factorized middle) is counted apart as `extra` and never hidden in the total.
+Weight FLOPs = 2 x multiply-accumulates of weight layers (Linear, Conv2d: the layers whose
+`siftc.layers` entry is `counted`), each counted at its non-zeros: a SparseLinear with nnz non-zeros
+producing P output positions costs 2 * nnz * P. Embeddings are look-ups (0 FLOPs). Non-weight work that
+a transformation adds (the BatchNorms in parallel branches or the factorized middle, the norms and
+attention products of a wider stream) is counted apart and never hidden in the total.
 """
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+from siftc import layers
+
+WEIGHT_LAYERS = tuple(cls for cls, t in layers.DENSE_TYPES.items() if t.counted)  # for isinstance users
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def nonzeros(layer: nn.Module) -> int:
@@ -22,15 +28,54 @@ def nonzeros(layer: nn.Module) -> int:
 
 def positions(layer: nn.Module, out_shape) -> int:
     """Output positions per output channel: tokens for a Linear, B*H'*W' for a Conv2d."""
-    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    numel = 1
-    for s in out_shape:
-        numel *= s
-    return numel // channels
+    return math.prod(out_shape) // layers.layer_type(layer).out_channels(layer)
 
 
-def layer_flops(layer: nn.Module, out_shape) -> int:
-    return 2 * nonzeros(layer) * positions(layer, out_shape)
+def layer_flops(layer: nn.Module, pos: int, dense: bool = False) -> int:
+    """2 x the weights `layer` multiplies by (all of them if `dense`) x its `pos` output positions."""
+    return 2 * (layer.weight.numel() if dense else nonzeros(layer)) * pos
+
+
+def module_flops(module: nn.Module, pos: int) -> int:
+    """Weight FLOPs of `module` and every weight layer inside it, all at `pos` positions: what replaced
+    a dense layer runs at that layer's output positions (a transformation changes channels only)."""
+    return sum(layer_flops(m, pos) for m in module.modules() if layers.counted(m))
+
+
+def graph_positions(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Weight layer name -> output positions per channel summed over its calls, read from the shapes
+    tracing recorded (`node.meta["tensor_meta"]`): no forward runs."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if layers.counted(mod):
+                out[node.target] = out.get(node.target, 0) + positions(mod, node.meta["tensor_meta"].shape)
+    return out
+
+
+def norm_flops(shape) -> int:
+    """A norm as an engine runs it: scale and shift, 2 FLOPs per element."""
+    return 2 * math.prod(shape)
+
+
+def attention_flops(q, v) -> int:
+    """softmax(q k^T) v: (.., L, E) x (.., S, E) -> (.., L, S), then x (.., S, Ev) -> (.., L, Ev)."""
+    return 2 * math.prod(q) * v[-2] + 2 * math.prod(q[:-1]) * v[-2] * v[-1]
+
+
+def non_weight(gm: torch.fx.GraphModule, shape) -> int:
+    """Norm and scaled_dot_product_attention FLOPs of `gm`'s graph, with `shape(node)` the size of a
+    node's output (the graph's shapes before or after a transformation)."""
+    modules = dict(gm.named_modules())
+    total = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], NORMS) or \
+                n.op == "call_function" and n.target is torch.nn.functional.layer_norm:
+            total += norm_flops(shape(n))
+        elif n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention:
+            total += attention_flops(shape(n.args[0]), shape(n.args[2]))
+    return total
 
 
 @dataclass
@@ -80,12 +125,12 @@ def counting(model: nn.Module, extra_under: tuple[str, ...] = ()):
 
     def on_norm(name):
         def hook(mod, args, out):
-            fc.extra[name] = fc.extra.get(name, 0) + 2 * out.numel()
+            fc.extra[name] = fc.extra.get(name, 0) + norm_flops(out.shape)
         return hook
 
     prefixes = tuple(p + "." for p in extra_under)
     for name, mod in model.named_modules():
-        if isinstance(mod, WEIGHT_LAYERS):
+        if layers.counted(mod):
             handles.append(mod.register_forward_hook(on_weight(name)))
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and name.startswith(prefixes):
             handles.append(mod.register_forward_hook(on_norm(name)))
@@ -97,8 +142,8 @@ def counting(model: nn.Module, extra_under: tuple[str, ...] = ()):
 
 
 def _add_weight_layer(fc: FlopCount, name: str, mod: nn.Module, pos: int):
-    fc.layers[name] = fc.layers.get(name, 0) + 2 * nonzeros(mod) * pos
-    fc.dense[name] = fc.dense.get(name, 0) + 2 * mod.weight.numel() * pos
+    fc.layers[name] = fc.layers.get(name, 0) + layer_flops(mod, pos)
+    fc.dense[name] = fc.dense.get(name, 0) + layer_flops(mod, pos, dense=True)
     fc.positions[name] = fc.positions.get(name, 0) + pos
 
 
@@ -116,10 +161,10 @@ def count_transformed(model: nn.Module, dense: FlopCount, extra_under: tuple[str
         owner = _owner(name, dense.positions)
         if owner is None:
             continue
-        if isinstance(mod, WEIGHT_LAYERS):
+        if layers.counted(mod):
             _add_weight_layer(fc, name, mod, dense.positions[owner])
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and name.startswith(prefixes):
-            fc.extra[name] = 2 * mod.num_features * dense.positions[owner]
+            fc.extra[name] = norm_flops((mod.num_features, dense.positions[owner]))
     return fc
 
 

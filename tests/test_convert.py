@@ -6,7 +6,7 @@ from torch import nn
 import siftc
 from siftc import flops, solve
 from siftc.nn.sparse import SPARSE_LAYERS
-from siftc.passes.select import fan_in_out
+from siftc.layers import fan_in_out
 from siftc.source import load_model
 
 from conftest import EXAMPLE_SPECS, spec_path

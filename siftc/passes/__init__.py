@@ -1,5 +1,6 @@
-"""Sparse-IFT passes. Each is `run(gm, cfg, generator) -> (gm, [LayerRecord])`, keyed by the CLI's
-`--kind` name; a pass may return a third item, a dict of extra report entries (wide: "groups")."""
+"""Sparse-IFT passes. Each is `run(gm, cfg, generator) -> (gm, PassResult)`, keyed by the CLI's
+`--kind` name: the rewritten graph, one LayerRecord per weight layer (with its FLOPs, dense and new),
+and the pass's own report entries (wide: "groups", "non_weight_flops")."""
 from siftc.passes import layerwise, wide
 
 KINDS = {

@@ -47,7 +47,6 @@ class Analysis:
         self.gm, self.widen_heads = gm, widen_heads
         self.groups: list[Group] = []
         self.uses: dict[str, dict] = {}         # module name or param target -> {side: label}
-        self.calls: dict[str, list] = {}        # module name -> its call nodes
         self.rewrites: list[tuple] = []         # (node, how): size arguments that follow widths
 
     # ---- groups -------------------------------------------------------------------------------
@@ -184,8 +183,12 @@ class Analysis:
                 node.meta["siftc.dims"] = [tuple(self.resolve(l) for l in d) for d in dims]
             elif dims is not None:
                 node.meta["siftc.dims"] = tuple(self.resolve(l) for l in dims)
-        self.uses = {k: {s: self.resolve(l) for s, l in v.items()} for k, v in self.uses.items()}
+        self.resolve_uses()
         return self
+
+    def resolve_uses(self):
+        """Rewrite every module side in terms of root groups (after ties made since the last time)."""
+        self.uses = {k: {s: self.resolve(l) for s, l in v.items()} for k, v in self.uses.items()}
 
     def use(self, name: str, **sides):
         """Module or parameter `name` is built from these widths (e.g. in=..., out=...); a second call

@@ -9,6 +9,7 @@ is what Sparse Wide rebuilds it from.
 import torch.fx
 from torch import nn
 
+from siftc.layers import depthwise
 from siftc.passes.tensor_rules import keep_dims, no_rule, node_arg
 
 
@@ -36,7 +37,7 @@ def conv2d(a, node):
     if mod.groups == 1:
         out = _out(a, node, mod.out_channels)
         a.use(node.target, **{"in": xd[1], "out": out})
-    elif mod.groups == mod.in_channels:  # depthwise: groups and outputs scale with the channels
+    elif depthwise(mod):  # groups and outputs scale with the channels
         mult = mod.out_channels // mod.in_channels
         a.use(node.target, **{"in": xd[1]})
         out = tuple((g, m * mult) for g, m in xd[1])

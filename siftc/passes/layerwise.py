@@ -12,11 +12,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from siftc import solve
+from siftc import flops, solve
 from siftc.config import ConvertConfig
-from siftc.nn.blocks import BLOCKS, sparse_copy
-from siftc.passes.record import LayerRecord
-from siftc.passes.select import choose, fan_in_out, replace_submodule
+from siftc.layers import fan_in_out, layer_type
+from siftc.nn.blocks import block
+from siftc.passes.record import LayerRecord, PassResult
+from siftc.passes.select import choose, replace_submodule
 
 
 def _describe(kind: str, dense: nn.Module, shape: solve.Shape) -> tuple[str, dict]:
@@ -31,34 +32,32 @@ def _describe(kind: str, dense: nn.Module, shape: solve.Shape) -> tuple[str, dic
 
 def _same_as_dense(dense: nn.Module, generator) -> nn.Module:
     """The degenerate structure (parallel N=1, doped rank 0): the dense layer itself, weights kept."""
-    layer = sparse_copy(dense, dense.weight.numel(), bias=dense.bias is not None, generator=generator)
+    layer = layer_type(dense).sparse_copy(dense, dense.weight.numel(), generator)
     layer.load_state_dict(dense.state_dict(), strict=False)
     return layer
 
 
 def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator):
-    """Replace every chosen Linear/Conv2d of `gm` by the `cfg.kind` block. Returns (gm, records)."""
-    records = []
+    """Replace every chosen weight layer of `gm` by the `cfg.kind` block. Returns (gm, PassResult)."""
+    records, positions = [], flops.graph_positions(gm)
     for choice in choose(gm, cfg.keep_dense, cfg.strict):
-        dense = choice.module
+        dense, pos = choice.module, positions.get(choice.name, 0)
+        dense_flops = flops.module_flops(dense, pos)
         if not choice.transform:
-            records.append(LayerRecord(choice.name, "dense" if "kept dense" in choice.reason else "skipped",
+            records.append(LayerRecord(choice.name, "dense" if choice.kept_dense else "skipped",
                                        list(dense.weight.shape), reason=choice.reason,
-                                       search_space=dense.weight.numel()))
+                                       search_space=dense.weight.numel(), dense_flops=dense_flops, flops=dense_flops))
             continue
         shape = solve.SOLVERS[cfg.kind](*fan_in_out(dense), cfg.sparsity)
         degenerate = (cfg.kind == "parallel" and shape.structure == 1) or \
                      (cfg.kind == "doped" and shape.structure == 0)
         new = _same_as_dense(dense, generator) if degenerate else \
-            BLOCKS[cfg.kind](dense, shape, cfg.branch_act, generator=generator)
+            block(cfg.kind, dense, shape, cfg.branch_act, generator)
         replace_submodule(gm, choice.name, new)
         new_shape, structure = _describe(cfg.kind, dense, shape)
         records.append(LayerRecord(choice.name, cfg.kind, list(dense.weight.shape), new_shape, structure,
-                                   density=shape.density, search_space=shape.search_space))
-    kinds = {r.name: r.kind for r in records}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            node.meta["siftc.kind"] = kinds.get(node.target)
+                                   density=shape.density, search_space=shape.search_space,
+                                   dense_flops=dense_flops, flops=flops.module_flops(new, pos)))
     gm.graph.lint()
     gm.recompile()
-    return gm, records
+    return gm, PassResult(records)

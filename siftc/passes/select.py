@@ -6,11 +6,7 @@ import torch.fx
 from torch import nn
 
 from siftc.errors import UsageError
-
-# Layers that carry a weight matrix, in the order the graph calls them. The first and last of these are
-# the paper's kept-dense layers (the stem and the classifier / LM head).
-WEIGHT_MODULES = (nn.Linear, nn.Conv2d, nn.Embedding, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)
-TRANSFORMABLE = (nn.Linear, nn.Conv2d)
+from siftc.layers import layer_type
 
 
 @dataclass
@@ -20,15 +16,17 @@ class Choice:
     transform: bool
     reason: str = ""
     unsupported: bool = False   # a layer type the kind cannot transform (an error with --strict)
+    kept_dense: bool = False    # kept dense by the user's or the paper's choice, not for its type
 
 
 def weight_layers(gm: torch.fx.GraphModule) -> list[tuple[str, nn.Module]]:
-    """Weight-carrying modules in call order, each once."""
+    """Modules with an entry in the layer table (`siftc.layers`), in call order, each once. The first
+    and last are the paper's kept-dense layers (the stem and the classifier / LM head)."""
     seen, out = set(), []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in seen:
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, WEIGHT_MODULES):
+            if layer_type(mod) is not None:
                 seen.add(node.target)
                 out.append((node.target, mod))
     return out
@@ -64,22 +62,16 @@ def choose(gm: torch.fx.GraphModule, keep_dense: tuple[str, ...] | None, strict:
     edge = {layers[0][0], layers[-1][0]} if default else set()
     out = []
     for name, mod in layers:
+        refusal = layer_type(mod).refusal(mod)
         if name in edge:
-            out.append(Choice(name, mod, False, "kept dense (first/last weight layer)"))
+            out.append(Choice(name, mod, False, "kept dense (first/last weight layer)", kept_dense=True))
         elif any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            out.append(Choice(name, mod, False, "kept dense (--keep-dense)"))
-        elif not isinstance(mod, TRANSFORMABLE):
-            reason = "embedding: a look-up, no FLOPs to trade" if isinstance(mod, nn.Embedding) else \
-                f"{type(mod).__name__} is not transformed (only Linear and Conv2d are)"
-            out.append(Choice(name, mod, False, reason, unsupported=not isinstance(mod, nn.Embedding)))
-        elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
-            out.append(Choice(name, mod, False, f"grouped conv (groups={mod.groups}): left as is "
-                                                "(paper appendix A.1.1)"))
+            out.append(Choice(name, mod, False, "kept dense (--keep-dense)", kept_dense=True))
+        elif refusal is not None:
+            reason, unsupported = refusal
+            out.append(Choice(name, mod, False, reason, unsupported=unsupported))
         elif name in tied:
             out.append(Choice(name, mod, False, f"weight tied to {tied[name]}: left as is", unsupported=True))
-        elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-            out.append(Choice(name, mod, False, f"padding_mode={mod.padding_mode!r} not supported",
-                              unsupported=True))
         else:
             out.append(Choice(name, mod, True))
     bad = [c for c in out if c.unsupported]
@@ -87,13 +79,6 @@ def choose(gm: torch.fx.GraphModule, keep_dense: tuple[str, ...] | None, strict:
         raise UsageError(f"--strict: cannot transform {bad[0].name} ({bad[0].reason}); "
                          f"keep it dense with --keep-dense '{bad[0].name}' or drop --strict")
     return out
-
-
-def fan_in_out(mod: nn.Module) -> tuple[int, int]:
-    """(D_in, D_out) of a Linear or Conv2d: a conv counts C_in*kh*kw inputs per output position."""
-    if isinstance(mod, nn.Linear):
-        return mod.in_features, mod.out_features
-    return mod.weight[0].numel(), mod.out_channels
 
 
 def replace_submodule(gm: torch.fx.GraphModule, name: str, new: nn.Module):

@@ -18,17 +18,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from siftc import flops, solve
+from siftc import flops, layers, solve
 from siftc.config import ConvertConfig
 from siftc.errors import TraceError, UsageError
-from siftc.nn.sparse import SparseConv2d, SparseLinear
 from siftc.passes.groups import analyse
-from siftc.passes.record import LayerRecord
+from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
 from siftc.passes.tensor_rules import node_arg, positive_dim
 from siftc.trace import NodeFailed, node_shape, record_shapes
-
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass
@@ -49,8 +46,8 @@ class Plan:
 
 
 def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator):
-    """Widen every width group of `gm` by k and sparsify its weight layers. Returns (gm, records, extra):
-    extra holds the report's "groups" and "non_weight_flops"."""
+    """Widen every width group of `gm` by k and sparsify its weight layers. Returns (gm, PassResult), with
+    the report's "groups" and "non_weight_flops"."""
     a = analyse(gm, cfg.widen_heads)
     _tie_shared_weights(gm, a)
     _check_strict(a, cfg)
@@ -68,17 +65,15 @@ def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator
     gm.graph.lint()
     gm.recompile()
     _check_shapes(gm, width)
-    records = [_record(p) for p in plans.values() if isinstance(p.module, flops.WEIGHT_LAYERS + (nn.Embedding,))]
-    extra = {"groups": _group_report(a, new_width), "non_weight_flops": _non_weight(gm, dense_shapes)}
-    return gm, records, extra
+    records = [_record(p, gm.get_submodule(p.name)) for p in plans.values() if layers.layer_type(p.module)]
+    return gm, PassResult(records, _group_report(a, new_width), _non_weight(gm, dense_shapes))
 
 
 # ---- analysis additions -----------------------------------------------------------------------
 def _weight_dims(mod, sides):
     """Labels of a module's weight dims (None where no width group: vocabulary, kernel)."""
-    if isinstance(mod, nn.Embedding):
-        return (None, sides.get("out"))
-    return (sides.get("out"), sides.get("in"))
+    t = layers.layer_type(mod)
+    return tuple(sides.get(s) if s else None for s in t.sides) if t else ()
 
 
 def _tie_shared_weights(gm, a):
@@ -92,7 +87,7 @@ def _tie_shared_weights(gm, a):
                     a.tie(x, y, f"{name} shares its weight with {other}")
                 elif (x or y) is not None:
                     a.fix(x or y, f"{name} shares its weight with {other}")
-    a.uses = {k: {s: a.resolve(l) for s, l in v.items()} for k, v in a.uses.items()}
+    a.resolve_uses()
 
 
 def _check_strict(a, cfg):
@@ -113,10 +108,9 @@ def _plans(gm, a, cfg, width) -> dict:
         mod = modules[name]
         plans[name] = Plan(name, mod, {s: sum(a.groups[g].size * m for g, m in l) for s, l in sides.items()},
                            {s: width(l) for s, l in sides.items()})
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in plans and isinstance(plans[node.target].module,
-                                                                             flops.WEIGHT_LAYERS):
-            plans[node.target].positions += flops.positions(plans[node.target].module, node.meta["tensor_meta"].shape)
+    for name, positions in flops.graph_positions(gm).items():
+        if name in plans:
+            plans[name].positions = positions
     for name, mod in weight_layers(gm):
         choice = choices[name]
         plan = plans.get(name)
@@ -126,8 +120,8 @@ def _plans(gm, a, cfg, width) -> dict:
             continue
         plan.sparse = choice.transform
         plan.reason = choice.reason
-        if isinstance(mod, nn.Conv2d) and mod.groups > 1:
-            plan.reason = (f"{'depthwise' if mod.groups == mod.in_channels else 'grouped'} conv "
+        if layers.grouped(mod):
+            plan.reason = (f"{'depthwise' if layers.depthwise(mod) else 'grouped'} conv "
                            f"(groups={mod.groups}): widened with its channels (groups scale with them), "
                            f"kept dense and paid for by the sparse layers")
     if not any(p.sparse for p in plans.values()):
@@ -138,28 +132,17 @@ def _plans(gm, a, cfg, width) -> dict:
     return plans
 
 
-def _weights(mod, sides) -> int:
-    """Weight count of `mod` rebuilt with widths `sides`."""
-    if isinstance(mod, nn.Linear):
-        return sides["in"] * sides["out"]
-    kk = math.prod(mod.kernel_size)
-    if mod.groups == 1:
-        return sides["in"] * sides["out"] * kk
-    if mod.groups == mod.in_channels:
-        return sides["in"] * (mod.out_channels // mod.in_channels) * kk
-    return sides["in"] * sides["out"] * kk // mod.groups
-
-
 def _solve(plans, cfg):
-    layers = [p for p in plans.values() if isinstance(p.module, flops.WEIGHT_LAYERS) and p.new]
-    sparse = [p for p in layers if p.sparse]
-    extra = sum(2 * (_weights(p.module, p.new) - p.module.weight.numel()) * p.positions
-                for p in layers if not p.sparse)
+    weighted = [p for p in plans.values() if layers.counted(p.module) and p.new]
+    sparse = [p for p in weighted if p.sparse]
+    extra = sum(2 * (layers.new_weights(p.module, p.new) - p.module.weight.numel()) * p.positions
+                for p in weighted if not p.sparse)
+    budgets = [p.module.weight.numel() for p in sparse]
+    capacities = [layers.new_weights(p.module, p.new) for p in sparse]
     try:
-        nnz = solve.wide_nnz([p.module.weight.numel() for p in sparse], [_weights(p.module, p.new) for p in sparse],
-                             [p.positions for p in sparse], extra)
+        nnz = solve.wide_nnz(budgets, capacities, [p.positions for p in sparse], extra)
     except ValueError:
-        kept = [p.name for p in layers if not p.sparse and p.changed]
+        kept = [p.name for p in weighted if not p.sparse and p.changed]
         raise UsageError(f"wide at sparsity {cfg.sparsity}: the kept-dense layers ({', '.join(kept[:4])}) grow by "
                          f"more FLOPs than the sparse layers have; keep fewer dense (--keep-dense PATTERN or "
                          f"--no-keep-dense) or lower the sparsity") from None
@@ -168,31 +151,31 @@ def _solve(plans, cfg):
 
 
 # ---- rewriting --------------------------------------------------------------------------------
+def _layer_norm(m, new):
+    return nn.LayerNorm([new[f"d{i}"] for i in range(len(new))], m.eps, m.elementwise_affine,
+                        bias=getattr(m, "bias", None) is not None)
+
+
+def _group_norm(m, new):
+    return nn.GroupNorm(m.num_groups, new["c"], m.eps, m.affine)
+
+
+def _batch_norm(m, new):
+    return type(m)(new["c"], m.eps, m.momentum, m.affine, m.track_running_stats)
+
+
+NORM_COPIES = {nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm, nn.modules.batchnorm._BatchNorm: _batch_norm}
+
+
 def _build(p: Plan, generator) -> nn.Module:
     """The module of `p` at its new widths, initialised by its own init (or its weights, if unchanged)."""
     m, new = p.module, p.new
-    if isinstance(m, nn.Linear):
-        if p.sparse:
-            return SparseLinear(new["in"], new["out"], bias=m.bias is not None, nnz=p.nnz, generator=generator)
-        return nn.Linear(new["in"], new["out"], bias=m.bias is not None)
-    if isinstance(m, nn.Conv2d):
-        if p.sparse:
-            return SparseConv2d(new["in"], new["out"], m.kernel_size, m.stride, m.padding, m.dilation,
-                                bias=m.bias is not None, nnz=p.nnz, generator=generator)
-        depthwise = 1 < m.groups == m.in_channels
-        out = new["in"] * (m.out_channels // m.in_channels) if depthwise else new["out"]
-        return nn.Conv2d(new["in"], out, m.kernel_size, m.stride, m.padding, m.dilation,
-                         groups=new["in"] if depthwise else m.groups, bias=m.bias is not None,
-                         padding_mode=m.padding_mode)
-    if isinstance(m, nn.Embedding):
-        return nn.Embedding(m.num_embeddings, new["out"], m.padding_idx, m.max_norm, m.norm_type,
-                            m.scale_grad_by_freq, m.sparse)
-    if isinstance(m, nn.LayerNorm):
-        return nn.LayerNorm([new[f"d{i}"] for i in range(len(new))], m.eps, m.elementwise_affine,
-                            bias=getattr(m, "bias", None) is not None)
-    if isinstance(m, nn.GroupNorm):
-        return nn.GroupNorm(m.num_groups, new["c"], m.eps, m.affine)
-    return type(m)(new["c"], m.eps, m.momentum, m.affine, m.track_running_stats)  # BatchNorm
+    t = layers.layer_type(m)
+    if t is None:
+        return layers.lookup(NORM_COPIES, m)(m, new)
+    if p.sparse:
+        return t.sparse_copy(m, p.nnz, generator, d_in=new["in"], d_out=new["out"])
+    return t.widened(m, new)
 
 
 @torch.no_grad()
@@ -288,49 +271,29 @@ def _check_shapes(gm, width):
         if node_shape(node) != shape:
             raise TraceError(f"wide: node {node.name} came out {node_shape(node)}, expected {shape}; "
                              f"its op hides a width the rules do not see (please report it)")
-        node.meta["siftc.shape"] = shape
 
 
 # ---- report -----------------------------------------------------------------------------------
-def _record(p: Plan) -> LayerRecord:
-    m = p.module
+def _record(p: Plan, new: nn.Module) -> LayerRecord:
+    """What became of `p`'s module (`new` is what replaced it, or the module itself)."""
+    m, t = p.module, layers.layer_type(p.module)
     dense_shape = list(m.weight.shape)
+    counts = {"dense_flops": flops.module_flops(m, p.positions), "flops": flops.module_flops(new, p.positions)}
     if not p.new:
-        return LayerRecord(p.name, "skipped", dense_shape, reason=p.reason, search_space=m.weight.numel())
-    weights = _new_weights(p)
+        return LayerRecord(p.name, "skipped", dense_shape, reason=p.reason, search_space=m.weight.numel(), **counts)
+    shape = t.weight_shape(m, p.new)
+    weights = math.prod(shape)
     structure = {"in": p.new.get("in"), "out": p.new.get("out"), "dense_in": p.old.get("in"),
                  "dense_out": p.old.get("out")}
-    new_shape = _shape_text(p)
+    new_shape = "x".join(map(str, shape))  # as the dense shape is printed: 202x202x3x3
     if p.sparse:
         return LayerRecord(p.name, "wide", dense_shape, new_shape, structure, density=p.nnz / weights,
-                           search_space=weights)
+                           search_space=weights, **counts)
     why = p.reason or "kept dense"
-    grouped = isinstance(m, nn.Conv2d) and m.groups > 1  # its reason says it already
-    if p.changed and isinstance(m, flops.WEIGHT_LAYERS) and not grouped:
-        why += "; widened, its extra FLOPs paid for by the sparse layers"
-    elif p.changed and isinstance(m, nn.Embedding):
-        why += "; widened with the stream it feeds"
-    return LayerRecord(p.name, "dense", dense_shape, new_shape, structure, search_space=weights, reason=why)
-
-
-def _new_weights(p):
-    if isinstance(p.module, nn.Embedding):
-        return p.module.num_embeddings * p.new["out"]
-    return _weights(p.module, p.new)
-
-
-def _shape_text(p):
-    """The new weight shape as the dense one is printed: 202x202x3x3."""
-    m, new = p.module, p.new
-    if isinstance(m, nn.Embedding):
-        dims = [m.num_embeddings, new["out"]]
-    elif isinstance(m, nn.Linear):
-        dims = [new["out"], new["in"]]
-    else:
-        depthwise = m.groups == m.in_channels and m.groups > 1
-        out = new["in"] * (m.out_channels // m.in_channels) if depthwise else new["out"]
-        dims = [out, new["in"] // (new["in"] if m.groups == m.in_channels else m.groups), *m.kernel_size]
-    return "x".join(map(str, dims))
+    if p.changed and not layers.grouped(m):  # a grouped conv's reason says it already
+        why += "; " + t.widened_why
+    return LayerRecord(p.name, "dense", dense_shape, new_shape, structure, search_space=weights, reason=why,
+                       **counts)
 
 
 def _group_report(a, new_width) -> list[dict]:
@@ -343,24 +306,8 @@ def _group_report(a, new_width) -> list[dict]:
 
 
 def _non_weight(gm, dense_shapes) -> dict:
-    """Norm (2 per element) and attention-product FLOPs, dense and widened: the work a wider stream
-    adds besides its weight layers, reported beside the iso-FLOP total, not in it."""
-    modules = dict(gm.named_modules())
-    dense = wide = 0
-    for n in gm.graph.nodes:
-        is_norm = n.op == "call_module" and isinstance(modules[n.target], NORMS) or \
-            n.op == "call_function" and n.target is torch.nn.functional.layer_norm
-        if is_norm:
-            dense += 2 * math.prod(dense_shapes[n])
-            wide += 2 * math.prod(node_shape(n))
-        elif n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention:
-            q, v = n.args[0], n.args[2]
-            dense += _attention_flops(dense_shapes[q], dense_shapes[v])
-            wide += _attention_flops(node_shape(q), node_shape(v))
+    """The work a wider stream adds besides its weight layers (`siftc.flops.non_weight`), dense and
+    widened: reported beside the iso-FLOP total, not in it."""
+    dense, wide = flops.non_weight(gm, dense_shapes.__getitem__), flops.non_weight(gm, node_shape)
     return {"dense": dense, "wide": wide, "extra": wide - dense,
             "counted": "norms at 2 FLOPs per element, scaled_dot_product_attention products at 2 per MAC"}
-
-
-def _attention_flops(q, v) -> int:
-    """softmax(q k^T) v: (.., L, E) x (.., S, E) -> (.., L, S), then x (.., S, Ev) -> (.., L, Ev)."""
-    return 2 * math.prod(q) * v[-2] + 2 * math.prod(q[:-1]) * v[-2] * v[-1]
