@@ -25,6 +25,7 @@ Training flags are not baked: a module's `self.training` is read through the gra
 import contextlib
 import inspect
 import linecache
+import logging
 import math
 import operator
 import traceback
@@ -70,7 +71,10 @@ class Specialization:
         if self.kind == "training":
             return f"`{self.code}` at {self.where} traced in training mode; dropout follows .train()/.eval()"
         fixed = ", ".join(f"input {n} dim {d} = {s}" for n, d, s in self.dims) or "the inputs' ranks and dtypes"
-        return f"{fixed} fixed by `{self.code}` at {self.where} ({self.guard})"
+        how = "fixed" if self.guard.startswith("Eq(") else "constrained"
+        if not self.where:
+            return f"{fixed} {how}: {self.code} ({self.guard})"
+        return f"{fixed} {how} by `{self.code}` at {self.where} ({self.guard})"
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "value": repr(self.value), "guard": self.guard,
@@ -106,9 +110,10 @@ class Guards:
                 continue
             if not _holds(s.guard, env):
                 sizes = ", ".join(f"input {n} dim {d} = {inputs[n].shape[d]}" for n, d, _ in s.dims if n in inputs)
-                raise ShapeMismatch(f"{sizes}: the graph was specialised by `{s.code}` at {s.where} ({s.guard}, "
-                                    f"traced at {', '.join(str(x[2]) for x in s.dims)}); convert again with "
-                                    f"example inputs of this shape")
+                why = f"by `{s.code}` at {s.where}" if s.where else f"({s.code})"
+                raise ShapeMismatch(f"{sizes}: the graph was specialised {why} ({s.guard}, traced at "
+                                    f"{', '.join(str(x[2]) for x in s.dims)}); convert again with example "
+                                    f"inputs of this shape")
 
     def to_json(self) -> dict:
         return {"names": self.names, "ranks": self.ranks, "dtypes": self.dtypes,
@@ -129,10 +134,13 @@ class ShapeMismatch(ValueError):
 
 
 def _holds(guard: str, env: dict) -> bool:
+    """Evaluate a guard as ShapeEnv printed it (it may use torch's sympy functions: TruncToInt...)."""
     import sympy
-    expr = sympy.sympify(guard, locals={k: sympy.Symbol(k, integer=True) for k in env})
-    value = expr.subs({sympy.Symbol(k, integer=True): v for k, v in env.items()})
-    return bool(value)
+    import torch.utils._sympy.functions as fns
+    names = {k: v for k, v in vars(fns).items() if isinstance(v, type) and issubclass(v, sympy.Basic)}
+    symbols = {k: sympy.Symbol(k, integer=True, positive=True) for k in env}
+    expr = sympy.sympify(guard, locals={**names, **symbols})
+    return bool(expr.subs({symbols[k]: v for k, v in env.items()}))
 
 
 # ---- proxies ----------------------------------------------------------------------------------
@@ -186,20 +194,21 @@ class ConcreteAttribute(ConcreteProxy, torch.fx.proxy.Attribute):
 class ConcreteTracer(torch.fx.Tracer):
     """fx tracer whose proxies carry fake values with symbolic sizes (see the module docstring)."""
 
-    def __init__(self, inputs: dict, is_leaf=None):
+    def __init__(self, inputs: dict, is_leaf=None, symbolic: bool = True):
         super().__init__(autowrap_functions=())
         self.proxy_buffer_attributes = True  # a buffer sliced by a size (`bias[:, :, :T, :T]`) stays in the graph
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
         self.shape_env = ShapeEnv(duck_shape=False)
-        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env if symbolic else None, allow_non_fake_inputs=True)
         self.values: dict = {}
         self.is_leaf = is_leaf
         self.inputs, self.symbols = {}, {}
         for name, t in inputs.items():
             if isinstance(t, torch.Tensor):
                 ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
-                fake = self.fake_mode.from_tensor(t, symbolic_context=ctx)
+                fake = self.fake_mode.from_tensor(t, symbolic_context=ctx) if symbolic else \
+                    self.fake_mode.from_tensor(t, static_shapes=True)
                 for d, s in enumerate(fake.shape):
                     if isinstance(s, torch.SymInt):
                         self.symbols[str(s.node.expr)] = (name, d)
@@ -213,6 +222,7 @@ class ConcreteTracer(torch.fx.Tracer):
         self._fakes: dict = {}
         self._computing = False
         self.out_spec, self.dropped = None, []
+        self.decisions = 0  # Python decisions on constants (which may be example dims of size 0 or 1)
 
     # fx hooks
     def proxy(self, node):
@@ -335,20 +345,29 @@ class ConcreteTracer(torch.fx.Tracer):
     def concretize(self, proxy, fn, kind):
         """Take a Python decision (`bool`, `int`, `len`...) on a proxy's value, recording what it fixed."""
         value = proxy.value
-        where, code = self._user_line()
         if proxy.node is self.training_node:
-            self.specializations.append(Specialization("training", True, "", [], where, code))
+            self.specializations.append(Specialization("training", True, "", [], *self._user_line()))
             return fn(value)
-        if isinstance(value, torch.Tensor) and kind != "len":
+        if kind == "len" and isinstance(value, (torch.Size, torch.Tensor)):
+            return fn(value)  # a rank (or a tensor's first dim, a SymInt below): ranks are guarded anyway
+        if isinstance(value, torch.Tensor):
+            where, code = self._user_line()
             raise DataDependent(f"`{code}` decides on tensor values", where)
         before = len(self.shape_env.guards)
         try:
             out = fn(value)
         except Exception as e:
             if _data_dependent(e):
+                where, code = self._user_line()
                 raise DataDependent(f"`{code}` decides on tensor values", where) from e
             raise
-        self._record_new_guards(before, kind, out, where, code)
+        symbols = _free_symbols(value)
+        if len(self.shape_env.guards) > before:
+            self._record_new_guards(before, kind, out, *self._user_line())
+        elif symbols:  # decided without a guard: by ShapeEnv's standing assumption that sizes are >= 2
+            self._record(kind, out, " & ".join(f"{s} >= 2" for s in symbols), symbols, *self._user_line())
+        else:
+            self.decisions += 1  # on constants: possibly on an example dim of size 0 or 1 (see the probe)
         return out
 
     def _record_new_guards(self, before, kind, value=None, where=None, code=None):
@@ -358,9 +377,11 @@ class ConcreteTracer(torch.fx.Tracer):
         if where is None:
             where, code = self._user_line()
         for g in new:
-            syms = sorted(str(s) for s in g.expr.free_symbols)
-            dims = [(*self.symbols[s], self._example_size(s)) for s in syms if s in self.symbols]
-            self.specializations.append(Specialization(kind, value, str(g.expr), dims, where, code))
+            self._record(kind, value, str(g.expr), sorted(str(s) for s in g.expr.free_symbols), where, code)
+
+    def _record(self, kind, value, guard, symbols, where, code):
+        dims = [(*self.symbols[s], self._example_size(s)) for s in symbols if s in self.symbols]
+        self.specializations.append(Specialization(kind, value, guard, dims, where, code))
 
     def _example_size(self, sym):
         name, dim = self.symbols[sym]
@@ -377,6 +398,12 @@ class ConcreteTracer(torch.fx.Tracer):
             line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
             return f"{path.name}:{f.lineno}", line
         return "unknown location", ""
+
+
+def _free_symbols(value) -> list:
+    node = getattr(value, "node", None)
+    expr = getattr(node, "expr", None)
+    return sorted(str(s) for s in getattr(expr, "free_symbols", ()))
 
 
 def _has_tensor(values) -> bool:
@@ -416,10 +443,24 @@ def _eval_for_value(root: nn.Module, target: str | None):
 # ---- entry point ------------------------------------------------------------------------------
 def concrete_trace(model: nn.Module, inputs: dict, is_leaf=None) -> tuple[torch.fx.GraphModule, Guards]:
     """Trace `model` called as `model(**inputs)`; returns the module-level GraphModule and its Guards."""
+    gm, tracer = _trace_once(model, inputs, is_leaf)
+    names = names_of(gm)
+    guards = Guards(names, {n: inputs[n].dim() for n in names}, {n: str(inputs[n].dtype) for n in names},
+                    dict(tracer.symbols), _dedupe(tracer.specializations), _defaults(model, inputs))
+    if tracer.decisions:
+        _probe_unit_dims(model, inputs, is_leaf, gm, guards)
+    return gm, guards
+
+
+def _trace_once(model, inputs, is_leaf):
     tracer = ConcreteTracer(inputs, is_leaf)
+    log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing op's traceback itself
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         graph = tracer.trace(model)
     finally:
+        log.setLevel(level)
         for m, t in tracer.flags:
             m.__dict__["training"] = t
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -429,11 +470,37 @@ def concrete_trace(model: nn.Module, inputs: dict, is_leaf=None) -> tuple[torch.
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    names = names_of(gm)
-    guards = Guards(names, {n: inputs[n].dim() for n in names}, {n: str(inputs[n].dtype) for n in names},
-                    {s: v for s, v in tracer.symbols.items()}, _dedupe(tracer.specializations),
-                    _defaults(model, inputs))
-    return gm, guards
+    return gm, tracer
+
+
+def _probe_unit_dims(model, inputs, is_leaf, gm, guards):
+    """torch's shape analysis treats sizes 0 and 1 as constants, so a decision on such an example dim
+    leaves no guard. When the model made decisions on constants, trace again with each such dim at 2:
+    where the graph changes or the trace fails, the dim is fixed, named by the decision that differs."""
+    pinned = {(n, d) for sp in guards.specializations if sp.guard.startswith("Eq(") for n, d, _ in sp.dims}
+    symbol_of = {v: k for k, v in guards.symbols.items()}
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        for d, size in enumerate(t.shape):
+            if (name, d) in pinned or size > 1:  # sizes >= 2 are symbols: their decisions left guards
+                continue
+            shape = list(t.shape)
+            shape[d] = 2
+            try:
+                other, tracer = _trace_once(model, {**inputs, name: torch.zeros(shape, dtype=t.dtype)}, is_leaf)
+            except Exception as e:
+                where, code = "", f"the trace fails at size {shape[d]} ({type(e).__name__})"
+            else:
+                if other.code == gm.code:
+                    continue
+                known = {(sp.where, sp.code) for sp in guards.specializations}
+                new = [sp for sp in tracer.specializations if (sp.where, sp.code) not in known]
+                where, code = (new[0].where, new[0].code) if new else ("", f"the graph differs at size {shape[d]}")
+            sym = symbol_of.get((name, d)) or f"u{len(guards.symbols)}"
+            guards.symbols[sym] = (name, d)
+            guard = f"Eq({sym}, {size})"
+            guards.specializations.append(Specialization("size", size, guard, [(name, d, size)], where, code))
 
 
 def _dropout_follows_training(gm: torch.fx.GraphModule):
