@@ -51,10 +51,11 @@ class Source:
 
 @dataclass
 class LoadedModel:
-    """A source resolved."""
+    """A source resolved: what export, bench's torch engine and the API run."""
     model: nn.Module
     example_inputs: tuple
-    source: Source | None       # what an artifact records to rebuild the model; None for an in-memory one
+    source: Source | None       # what an artifact records to rebuild the model; None if converted from
+                                # an nn.Module rather than a spec
     origin: dict                # for an export's sidecar: {"type": "model" | "artifact" | "in-memory", ...}
     report: dict | None = None  # the conversion report, when the model is a converted one
 

@@ -215,10 +215,10 @@ def example_inputs():
 
 
 def test_a_bool_input_keeps_its_pattern_from_export_to_bench(tmp_path):
-    from siftc.bench.runner import make_inputs as bench_inputs, open_model
+    from siftc.bench.runner import input_arrays, open_model
     (tmp_path / "masked.py").write_text(MASKED)
     done = ex.export(str(tmp_path / "masked.py"), tmp_path / "m.onnx", batch=3)
-    x, drop = bench_inputs(open_model(done.path), 3, seed=0)
+    x, drop = input_arrays(open_model(done.path), 3, seed=0)
     assert (drop == np.array([[True, False, False, True]] * 3)).all()  # all True would drop every logit
     (y,) = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"]).run(None, {"x": x, "drop": drop})
     assert np.isfinite(y).all() and np.allclose(y.sum(-1), 1)

@@ -121,7 +121,7 @@ def open_model(path) -> ModelFile:
     return ModelFile(path, inputs, static, meta)
 
 
-def make_inputs(mf: ModelFile, batch: int, seed: int) -> list:
+def input_arrays(mf: ModelFile, batch: int, seed: int) -> list:
     """Arrays for `batch`, made as siftc.source.make_inputs makes them from the sidecar's input specs
     (integers over their range, a boolean input its example's pattern)."""
     if mf.static_batch is not None and mf.static_batch != batch:
@@ -167,7 +167,7 @@ def bench(paths, cfg: BenchConfig, progress=None) -> dict:
     """
     say = progress or (lambda advance, total, label: None)
     files = [open_model(p) for p in paths]
-    inputs = {(f.path, b): make_inputs(f, b, cfg.seed) for b in cfg.batches for f in files}  # checks fit first
+    inputs = {(f.path, b): input_arrays(f, b, cfg.seed) for b in cfg.batches for f in files}  # checks fit first
 
     notes, classes = [], {}
     for name in cfg.engines:
