@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import siftc
 from siftc.errors import SiftcError
-from siftc.runtime import set_backend
+from siftc.nn.sparse import set_backend
 from siftc.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 
 from siftc.bench.runner import machine as bench_machine  # noqa: E402
 from siftc.nn.sparse import SPARSE_LAYERS, SparseConv2d, SparseLinear  # noqa: E402
-from siftc.runtime import set_backend  # noqa: E402
+from siftc.nn.sparse import set_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "runtime.json"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from siftc.errors import UsageError
-from siftc.nn.sparse import SparseConv2d, SparseLinear
-from siftc.runtime import BACKENDS, build, get_backend, set_backend
+from siftc.nn.sparse import SparseConv2d, SparseLinear, set_backend
+from siftc.runtime import BACKENDS, build, get_backend
 
 HAS_SPARSEPROP = importlib.util.find_spec("sparseprop") is not None
 

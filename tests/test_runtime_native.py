@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from siftc.nn.sparse import SparseConv2d, SparseLinear, random_mask
-from siftc.runtime import BACKENDS, build, set_backend
+from siftc.nn.sparse import SparseConv2d, SparseLinear, random_mask, set_backend
+from siftc.runtime import BACKENDS, build
 
 try:
     build.load()

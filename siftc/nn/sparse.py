@@ -2,7 +2,8 @@
 
 A layer holds a dense `weight` Parameter and a boolean `mask` buffer of the same shape. Weights outside
 the mask are exactly zero and get no gradient, whatever the backend. The arithmetic is delegated to a
-runtime backend (`siftc.runtime.BACKENDS[layer.backend]`): "torch" is masked dense, the reference.
+runtime backend (`siftc.runtime.BACKENDS[layer.backend]`, chosen with `set_backend`): "torch" is masked
+dense, the reference.
 
 Masks change only through `set_mask`, which bumps `mask_version` so a backend that caches index
 structures (CSR, per-layer timings) knows to rebuild them.
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import nn
+
+from siftc.runtime import get_backend
 
 
 def random_mask(shape, nnz: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,7 +120,6 @@ class SparseLinear(_SparseMixin, nn.Linear):
         self._init_mask(nnz, generator)
 
     def forward(self, x):  # (*, in) -> (*, out)
-        from siftc.runtime import get_backend
         return get_backend(self.backend).linear(self, x)
 
     @torch.no_grad()
@@ -140,7 +142,6 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         self._init_mask(nnz, generator)
 
     def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
-        from siftc.runtime import get_backend
         return get_backend(self.backend).conv2d(self, x)
 
     @torch.no_grad()
@@ -155,3 +156,12 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+
+
+def set_backend(model: nn.Module, name: str) -> nn.Module:
+    """Run every sparse layer of `model` on backend `name` (a `siftc.runtime.BACKENDS` key). Returns it."""
+    get_backend(name)
+    for m in model.modules():
+        if isinstance(m, SPARSE_LAYERS):
+            m.backend = name
+    return model

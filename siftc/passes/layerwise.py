@@ -8,16 +8,20 @@ After:
 Each layer's output positions do not change, so the layer is iso-FLOP exactly when its parts'
 non-zeros add up to the dense weight count, which `siftc.solve` guarantees.
 """
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx
 from torch import nn
 
 from siftc import flops, solve
-from siftc.config import ConvertConfig
 from siftc.layers import fan_in_out, layer_type
 from siftc.nn.blocks import block
 from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule
+
+if TYPE_CHECKING:  # the config validates kinds against KINDS here: no import back at run time
+    from siftc.config import ConvertConfig
 
 
 def _describe(kind: str, dense: nn.Module, shape: solve.Shape) -> tuple[str, dict]:
@@ -37,7 +41,7 @@ def _same_as_dense(dense: nn.Module, generator) -> nn.Module:
     return layer
 
 
-def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator):
+def run(gm: torch.fx.GraphModule, cfg: "ConvertConfig", generator: torch.Generator):
     """Replace every chosen weight layer of `gm` by the `cfg.kind` block. Returns (gm, PassResult)."""
     records, positions = [], flops.graph_positions(gm)
     for choice in choose(gm, cfg.keep_dense, cfg.strict):

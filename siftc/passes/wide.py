@@ -13,19 +13,22 @@ re-runs the graph. Iso-FLOP: `siftc.solve.wide_nnz`.
 """
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
 from torch import nn
 
 from siftc import flops, layers, solve
-from siftc.config import ConvertConfig
 from siftc.errors import TraceError, UsageError
 from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
 from siftc.passes.tensor_rules import node_arg, positive_dim
 from siftc.trace import NodeFailed, node_shape, record_shapes
+
+if TYPE_CHECKING:  # the config validates kinds against KINDS here: no import back at run time
+    from siftc.config import ConvertConfig
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Plan:
         return self.old != self.new
 
 
-def run(gm: torch.fx.GraphModule, cfg: ConvertConfig, generator: torch.Generator):
+def run(gm: torch.fx.GraphModule, cfg: "ConvertConfig", generator: torch.Generator):
     """Widen every width group of `gm` by k and sparsify its weight layers. Returns (gm, PassResult), with
     the report's "groups" and "non_weight_flops"."""
     a = analyse(gm, cfg.widen_heads)

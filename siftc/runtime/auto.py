@@ -26,9 +26,9 @@ def _time(fn, reps: int) -> float:
 
 class AutoBackend:
     name = "auto"
-    candidates = ("native", "torch")
 
-    def __init__(self, reps: int = 3):
+    def __init__(self, candidates: dict, reps: int = 3):
+        self.candidates = candidates  # name -> backend object, the ones it times and chooses between
         self.reps = reps  # medians of 3 after a warm-up: enough to separate 1.3x, cheap once per layer
         self.choices = weakref.WeakKeyDictionary()  # layer -> {(shape, version): record}
 
@@ -37,11 +37,9 @@ class AutoBackend:
         records = self.choices.setdefault(layer, {})
         if key in records:
             return records[key]["choice"]
-        from siftc.runtime import BACKENDS
         record = {"ms": {}}
         weight = layer.weight.detach().clone().requires_grad_()  # timing leaves layer.weight.grad alone
-        for name in self.candidates:
-            backend = BACKENDS[name]
+        for name, backend in self.candidates.items():
             xin = x.detach().clone().requires_grad_(x.requires_grad)
 
             def step():
@@ -64,9 +62,7 @@ class AutoBackend:
         return record["choice"]
 
     def linear(self, layer, x):
-        from siftc.runtime import BACKENDS
-        return BACKENDS[self._choose(layer, x, "linear")].linear(layer, x)
+        return self.candidates[self._choose(layer, x, "linear")].linear(layer, x)
 
     def conv2d(self, layer, x):
-        from siftc.runtime import BACKENDS
-        return BACKENDS[self._choose(layer, x, "conv2d")].conv2d(layer, x)
+        return self.candidates[self._choose(layer, x, "conv2d")].conv2d(layer, x)

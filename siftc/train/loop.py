@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import siftc
 from siftc.errors import UsageError
-from siftc.runtime import set_backend
+from siftc.nn.sparse import set_backend
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
 from siftc.store import check_output, file_sha256, write_file, write_json
 from siftc.train import checkpoint, data as data_mod
