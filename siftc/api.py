@@ -16,12 +16,14 @@ from siftc.source import load_model
 
 def convert(model: nn.Module | str, kind: str, sparsity: float, example_inputs: tuple | None = None, *,
             keep_dense=None, branch_act: str = "relu", seed: int = 0, round_to: int = 1,
-            strict: bool = False, widen_heads: bool = False, input_shape=None):
+            strict: bool = False, widen_heads: bool = False, leaf=(), input_shape=None):
     """Return a Sparse-IFT copy of `model` (an nn.Module, or a "model.py[:factory]" spec) with the
-    dense model's weight FLOPs. `keep_dense`: None keeps the first and last weight layer dense (the
-    paper), a list of fnmatch patterns keeps those, [] keeps none."""
+    dense model's weight FLOPs. `example_inputs`: a tensor, a tuple of positional inputs, or a dict of
+    keyword inputs (`{"input_ids": ids}` for a HuggingFace model). `keep_dense`: None keeps the first
+    and last weight layer dense (the paper), a list of fnmatch patterns keeps those, [] keeps none.
+    `leaf`: fnmatch patterns of modules to keep opaque (a module that branches on tensor values)."""
     cfg = ConvertConfig(kind=kind, sparsity=sparsity, keep_dense=keep_dense, branch_act=branch_act,
-                        seed=seed, round_to=round_to, strict=strict, widen_heads=widen_heads)
+                        seed=seed, round_to=round_to, strict=strict, widen_heads=widen_heads, leaf=leaf)
     source = None
     if isinstance(model, str):
         loaded = load_model(model, input_shape)
@@ -31,9 +33,9 @@ def convert(model: nn.Module | str, kind: str, sparsity: float, example_inputs: 
         raise UsageError(f"convert takes an nn.Module or a 'model.py[:factory]' string, not {type(model).__name__}")
     if example_inputs is None:
         raise UsageError("example_inputs is required to trace an in-memory model, e.g. (torch.randn(1, 64),)")
-    if not isinstance(example_inputs, (tuple, list)):
+    if not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
-    return convert_module(model, tuple(example_inputs), cfg, source)
+    return convert_module(model, example_inputs, cfg, source)
 
 
 def save(model, out, force: bool = False):

@@ -51,9 +51,9 @@ _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, 
 class DataDependent(Exception):
     """A Python decision on tensor values (`bool(x.sum() > 0)`, `x.item()`): not traceable."""
 
-    def __init__(self, what: str, where: str):
+    def __init__(self, what: str, where: str, module: str = ""):
         super().__init__(f"{what} at {where}")
-        self.what, self.where = what, where
+        self.what, self.where, self.module = what, where, module  # module: the innermost traced module
 
 
 @dataclass
@@ -217,8 +217,8 @@ class ConcreteTracer(torch.fx.Tracer):
                 self.inputs[name] = t
         self.example = inputs
         self.specializations: list[Specialization] = []
-        self.training_node = None
         self.flags: list = []   # (module, its own training bool), restored after the trace
+        self.training_scopes: set = set()  # module paths whose forward branched on self.training
         self._fakes: dict = {}
         self._computing = False
         self.out_spec, self.dropped = None, []
@@ -261,7 +261,7 @@ class ConcreteTracer(torch.fx.Tracer):
                 raise TypeError(f"forward() has no parameter {n!r}")
         proxies = {n: self.create_proxy("placeholder", n, (), {}) if isinstance(v, torch.Tensor) else v
                    for n, v in self.inputs.items()}
-        self._install_training_flag()
+        self.flags = live_training_flag(self)
 
         def fn(root):
             leaves, self.out_spec = pytree.tree_flatten(root_fn(root, **proxies))
@@ -276,19 +276,6 @@ class ConcreteTracer(torch.fx.Tracer):
             return x
         self.dropped.append(f"output {i} ({type(x).__name__})")
         return None
-
-    def _install_training_flag(self):
-        """Replace every traced-through module's `training` bool by the graph's training flag (a proxy
-        of the root's `self.training`), so reading it puts it in the graph instead of baking it.
-        Leaves keep their bool: they run as modules, in whatever mode they are."""
-        proxy = self.create_proxy("get_attr", "training", (), {})
-        self.values[proxy.node] = True
-        self.training_node = proxy.node
-        for name, m in self.root.named_modules():
-            if name and self.is_leaf_module(m, name):
-                continue
-            self.flags.append((m, m.__dict__.get("training", True)))
-            m.__dict__["training"] = proxy
 
     # values
     def _fake(self, t: torch.Tensor):
@@ -334,7 +321,8 @@ class ConcreteTracer(torch.fx.Tracer):
                     out = self.root.get_submodule(target)(*vargs, **vkwargs)
         except Exception as e:
             if _data_dependent(e):
-                raise DataDependent(f"{_op_name(kind, target)} needs tensor values", self._user_line()[0]) from e
+                raise DataDependent(f"{_op_name(kind, target)} needs tensor values", self._user_line()[0],
+                                    self._scope()) from e
             raise
         finally:
             self._computing = False
@@ -345,21 +333,22 @@ class ConcreteTracer(torch.fx.Tracer):
     def concretize(self, proxy, fn, kind):
         """Take a Python decision (`bool`, `int`, `len`...) on a proxy's value, recording what it fixed."""
         value = proxy.value
-        if proxy.node is self.training_node:
+        if proxy.node.op == "get_attr" and proxy.node.target == "training":
             self.specializations.append(Specialization("training", True, "", [], *self._user_line()))
+            self.training_scopes.add(self._scope())
             return fn(value)
         if kind == "len" and isinstance(value, (torch.Size, torch.Tensor)):
             return fn(value)  # a rank (or a tensor's first dim, a SymInt below): ranks are guarded anyway
         if isinstance(value, torch.Tensor):
             where, code = self._user_line()
-            raise DataDependent(f"`{code}` decides on tensor values", where)
+            raise DataDependent(f"`{code}` decides on tensor values", where, self._scope())
         before = len(self.shape_env.guards)
         try:
             out = fn(value)
         except Exception as e:
             if _data_dependent(e):
                 where, code = self._user_line()
-                raise DataDependent(f"`{code}` decides on tensor values", where) from e
+                raise DataDependent(f"`{code}` decides on tensor values", where, self._scope()) from e
             raise
         symbols = _free_symbols(value)
         if len(self.shape_env.guards) > before:
@@ -387,6 +376,10 @@ class ConcreteTracer(torch.fx.Tracer):
         name, dim = self.symbols[sym]
         return int(self.example[name].shape[dim])
 
+    def _scope(self) -> str:
+        """The path of the module whose forward is being traced ("" for the root)."""
+        return next(reversed(self.module_stack), "") if self.module_stack else ""
+
     @staticmethod
     def _user_line() -> tuple[str, str]:
         """file:line and source text of the innermost frame of the user's code."""
@@ -404,6 +397,48 @@ def _free_symbols(value) -> list:
     node = getattr(value, "node", None)
     expr = getattr(node, "expr", None)
     return sorted(str(s) for s in getattr(expr, "free_symbols", ()))
+
+
+def live_training_flag(tracer: torch.fx.Tracer) -> list:
+    """Replace every traced-through module's `training` bool by a proxy of the root's `self.training`,
+    so reading it puts it in the graph instead of baking it; returns [(module, its bool)] for
+    `restore_training`. Leaves keep their bool: they run as modules, in whatever mode they are."""
+    proxy = tracer.create_proxy("get_attr", "training", (), {})
+    if isinstance(tracer, ConcreteTracer):
+        tracer.values[proxy.node] = True  # traced in training mode: the dropout paths are in the graph
+    flags = []
+    for name, m in tracer.root.named_modules():
+        if name and tracer.is_leaf_module(m, name):
+            continue
+        flags.append((m, m.__dict__.get("training", True)))
+        m.__dict__["training"] = proxy
+    return flags
+
+
+def restore_training(flags: list):
+    for m, t in flags:
+        m.__dict__["training"] = t
+
+
+class InputGuard(nn.Module):
+    """First node of a concrete-traced graph: refuses inputs that break what the trace assumed
+    (`Guards.check`). Impure, so dead-code elimination keeps it; it returns nothing, so no pass sees it."""
+    _is_impure = True
+
+    def __init__(self, guards: "Guards"):
+        super().__init__()
+        self.guards = guards
+
+    def forward(self, *inputs):
+        self.guards.check(dict(zip(self.guards.names, inputs)))
+
+
+def add_input_guard(gm: torch.fx.GraphModule, guards: "Guards"):
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm.add_submodule("siftc_input_guard", InputGuard(guards))
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_module("siftc_input_guard", tuple(placeholders))
+    gm.recompile()
 
 
 def _has_tensor(values) -> bool:
@@ -461,12 +496,11 @@ def _trace_once(model, inputs, is_leaf):
         graph = tracer.trace(model)
     finally:
         log.setLevel(level)
-        for m, t in tracer.flags:
-            m.__dict__["training"] = t
+        restore_training(tracer.flags)
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     if not tracer.out_spec.is_leaf():  # outputs come back as the model's own structure (a ModelOutput)
         gm.graph._codegen = _OutputTree(_PyTreeInfo(names_of(gm), None, tracer.out_spec))
-    _dropout_follows_training(gm)
+    _dropout_follows_training(gm, tracer.training_scopes)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -503,12 +537,15 @@ def _probe_unit_dims(model, inputs, is_leaf, gm, guards):
             guards.specializations.append(Specialization("size", size, guard, [(name, d, size)], where, code))
 
 
-def _dropout_follows_training(gm: torch.fx.GraphModule):
-    """Functional dropout traced with a constant `training=True` (under `if self.training:`) and
-    attention dropout probabilities baked from `p if self.training else 0` take the graph's flag."""
+def _dropout_follows_training(gm: torch.fx.GraphModule, scopes: set):
+    """In a module whose forward branched on `self.training` (`scopes`), functional dropout traced with
+    a constant `training=True` (under `if self.training:`) and an attention dropout probability baked
+    from `p if self.training else 0` take the graph's flag. Dropout the model applies in both modes
+    (an unconditional `F.dropout(x, p)`) stays as the dense model has it."""
     flag = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "training"), None)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op != "call_function" or next(reversed(stack), "") not in scopes:
             continue
         if node.target in _DROPOUTS:
             training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)

@@ -22,6 +22,9 @@ class ConvertConfig:
     strict: bool = False
     # wide: widen the attention head dimension too (the paper keeps heads x head_dim).
     widen_heads: bool = False
+    # Modules (fnmatch on their path or class name) traced as opaque leaves, left as they are: the fix
+    # for a module that branches on tensor values.
+    leaf: tuple[str, ...] = ()
 
     def __post_init__(self):
         # The kinds are the keys of the registry that runs them. Imported here, not at the top: the passes
@@ -37,11 +40,12 @@ class ConvertConfig:
             raise UsageError(f"round-to {self.round_to!r} must be a positive integer, e.g. --round-to 8")
         if self.keep_dense is not None:
             object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        object.__setattr__(self, "leaf", tuple(self.leaf))
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "sparsity": self.sparsity, "keep_dense": self.keep_dense,
                 "branch_act": self.branch_act, "seed": self.seed, "round_to": self.round_to,
-                "strict": self.strict, "widen_heads": self.widen_heads}
+                "strict": self.strict, "widen_heads": self.widen_heads, "leaf": list(self.leaf)}
 
     @classmethod
     def from_json(cls, d: dict) -> "ConvertConfig":

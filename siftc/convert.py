@@ -27,12 +27,14 @@ class ConversionInfo:
     warnings: list = field(default_factory=list)
 
 
-def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
+def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertConfig,
                    source: Source | None = None) -> torch.fx.GraphModule:
-    """Convert a copy of `model` (the user's model is left untouched)."""
-    model = copy.deepcopy(model)
+    """Convert a copy of `model` (the user's model is left untouched). The converted model takes the
+    example's inputs in the graph's placeholder order (also by name)."""
+    model = model if isinstance(model, torch.fx.GraphModule) else copy.deepcopy(model)
     with flops.counting(model) as dense:  # the dense count rides on trace's shape propagation
-        gm = trace(model, example_inputs)  # which says plainly when the inputs do not fit the model
+        traced = trace(model, example_inputs, cfg.leaf)  # says plainly when the inputs do not fit the model
+    gm, example_inputs = traced.gm, traced.inputs
     dense_params = sum(p.numel() for p in model.parameters())
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
@@ -40,6 +42,7 @@ def convert_module(model: nn.Module, example_inputs: tuple, cfg: ConvertConfig,
         gm, result = KINDS[cfg.kind](gm, cfg, generator)
     report = build_report(gm, cfg, result.layers, dense, dense_params)
     report.update(result.report_entries())  # a pass's own report entries (wide: "groups")
+    report["trace"] = trace_report(traced)
     ratio = report["flop_ratio"]
     if abs(ratio - 1) > FLOP_TOLERANCE:
         raise RuntimeError(f"siftc bug: {cfg.kind} at sparsity {cfg.sparsity} gives {ratio:.4f}x the "
@@ -67,6 +70,16 @@ def build_report(gm, cfg: ConvertConfig, records, dense: flops.FlopCount,
         "transformed": sum(r.kind == cfg.kind for r in records),
         "layers": [r.to_json() for r in records],
     }
+
+
+def trace_report(traced) -> dict:
+    """How the model was traced and what that fixed: `siftc inspect` shows it."""
+    guards = traced.guards
+    return {"how": traced.how,
+            "inputs": [n.target for n in traced.gm.graph.nodes if n.op == "placeholder"],
+            "input_shapes": [list(t.shape) for t in traced.inputs],
+            "specializations": [s.to_json() for s in guards.specializations] if guards else [],
+            "constants": {k: repr(v) for k, v in guards.constants.items()} if guards else {}}
 
 
 def _nonzero_params(model: nn.Module) -> int:

@@ -231,7 +231,8 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bo
     return LoadedModel(model, example, source, {"type": "model", **source.to_json()})
 
 
-def _example_inputs(module, factory: str, target: str, input_shape) -> tuple:
+def _example_inputs(module, factory: str, target: str, input_shape) -> tuple | dict:
+    """A tuple of positional inputs, or a dict of keyword inputs (an HF model: {"input_ids": ...})."""
     if input_shape is not None:
         return (torch.randn(*input_shape),)
     for fn_name in (f"example_inputs_{factory}", "example_inputs"):
@@ -241,9 +242,15 @@ def _example_inputs(module, factory: str, target: str, input_shape) -> tuple:
                 out = fn()
             except Exception as e:
                 raise ModelLoadError(f"{target}:{fn_name}() raised {type(e).__name__}: {e}") from e
+            if isinstance(out, dict):
+                if not any(isinstance(t, torch.Tensor) for t in out.values()):
+                    raise ModelLoadError(f"{target}:{fn_name}() returned a dict without tensors; map forward "
+                                         f"argument names to tensors, e.g. {{'input_ids': ...}}")
+                return out
             out = out if isinstance(out, tuple) else (out,)
             if not all(isinstance(t, torch.Tensor) for t in out):
-                raise ModelLoadError(f"{target}:{fn_name}() must return a tensor or a tuple of tensors")
+                raise ModelLoadError(f"{target}:{fn_name}() must return a tensor, a tuple of tensors or a "
+                                     f"dict of keyword inputs")
             return out
     raise UsageError(f"{target} defines no example_inputs(); add one to the file or pass "
                      f"--input-shape, e.g. --input-shape 1,3,32,32")

@@ -1,9 +1,14 @@
 """Tracing: torch.fx with siftc's modules as leaves, and shape facts on node.meta.
 
+Plain fx where it can, concrete-shape tracing (siftc.concrete_trace) where the model decides on shapes.
+
 Loading a model (`model.py[:factory]`, example inputs) is siftc.source's job; this module takes the
 model and its inputs from there.
 """
+import fnmatch
+import inspect
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,36 +17,139 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from siftc.concrete_trace import (DataDependent, Guards, add_input_guard, concrete_trace, live_training_flag,
+                                  restore_training)
 from siftc.errors import TraceError, UsageError
+from siftc.layers import layer_type
 
 _TORCH = Path(torch.__file__).resolve().parent  # frames in here (or siftc) are not the user's line
 _SIFTC = Path(__file__).resolve().parent
 
 
 class Tracer(torch.fx.Tracer):
-    """fx tracer that keeps siftc's own modules as leaves (their forward dispatches to a runtime)."""
+    """Plain fx tracer: siftc's modules and the `leaf` rule's matches stay leaves, and `self.training`
+    is read through the graph (a branch on it cannot be traced plainly: the concrete tracer takes it)."""
+
+    def __init__(self, is_leaf):
+        super().__init__()
+        self.is_leaf, self.flags = is_leaf, []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m.__module__.startswith("siftc.nn") or super().is_leaf_module(m, qualname)
+        return self.is_leaf(m, qualname) or super().is_leaf_module(m, qualname)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        self.flags = live_training_flag(self)
+        return out
 
 
-def trace(model: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
-    """Symbolically trace `model` and run ShapeProp, so every node carries `tensor_meta`."""
+@dataclass
+class Traced:
+    """A traced model: the module-level graph (with `tensor_meta` on every node), its example inputs in
+    placeholder order, and what the trace assumed about inputs (None for a plain fx trace)."""
+    gm: torch.fx.GraphModule
+    inputs: tuple
+    guards: Guards | None = None
+    how: str = "fx"           # "fx", "concrete" (shape decisions taken on the example) or "given"
+
+
+def leaf_rule(patterns: tuple[str, ...] = ()):
+    """is_leaf(module, qualname): siftc's own layers, the layer table's weight layers (HF's Conv1D),
+    and modules whose qualified name or class name matches one of `patterns` (fnmatch)."""
+    def is_leaf(m: nn.Module, qualname: str) -> bool:
+        if m.__module__.startswith("siftc.nn") or layer_type(m) is not None:
+            return True
+        return any(fnmatch.fnmatchcase(qualname, p) or fnmatch.fnmatchcase(type(m).__name__, p) for p in patterns)
+    return is_leaf
+
+
+def trace(model: nn.Module, example_inputs, leaves: tuple[str, ...] = ()) -> Traced:
+    """Trace `model` on `example_inputs` (a tuple of positional inputs or a dict of keyword inputs).
+
+    Plain fx first, when the inputs give every forward parameter by position; else, or when plain fx
+    meets a Python decision it cannot take, the concrete-shape tracer (`siftc.concrete_trace`), which
+    takes shape decisions on the example and guards them. A GraphModule is used as given."""
+    for p in leaves:
+        if not any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(type(m).__name__, p)
+                   for n, m in model.named_modules()):
+            raise UsageError(f"--leaf {p!r} matches no module of {type(model).__name__}; name a module path "
+                             f"(e.g. {next(iter(n for n, _ in model.named_children()), 'encoder')}.*) or a class name")
+    inputs = bind_inputs(model, example_inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        traced = Traced(model, _in_order(model, inputs), None, "given")
+    else:
+        traced = _plain(model, inputs, leaf_rule(leaves)) or _concrete(model, inputs, leaf_rule(leaves))
+    propagate_shapes(traced.gm, traced.inputs)
+    return traced
+
+
+def bind_inputs(model: nn.Module, example) -> dict:
+    """name -> value of each example input, by the forward's signature."""
+    if isinstance(example, dict):
+        return dict(example)
+    example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    sig = inspect.signature(model.forward)
     try:
-        graph = Tracer().trace(model)
-    except Exception as e:
-        raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {_trace_hint(e)}") from e
+        bound = sig.bind_partial(*example)
+    except TypeError:
+        names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        raise UsageError(f"{len(example)} example inputs given but {type(model).__name__}.forward takes "
+                         f"{len(names)} ({', '.join(names)}); pass one input per forward argument") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind == inspect.Parameter.VAR_POSITIONAL:
+            raise UsageError(f"{type(model).__name__}.forward takes *{name}: give the example inputs as a "
+                             f"dict of keyword arguments, e.g. {{'input_ids': ...}}")
+        out[name] = value
+    return out
+
+
+def _in_order(gm: torch.fx.GraphModule, inputs: dict) -> tuple:
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise UsageError(f"no example input for {', '.join(missing)}; the graph takes {', '.join(names)}")
+    return tuple(inputs[n] for n in names)
+
+
+def _plain(model, inputs: dict, is_leaf) -> Traced | None:
+    """Plain fx, if the inputs give every forward parameter as a tensor; None where it cannot trace."""
+    params = inspect.signature(model.forward).parameters
+    if list(params) != list(inputs) or not all(isinstance(v, torch.Tensor) for v in inputs.values()):
+        return None
+    tracer = Tracer(is_leaf)
+    try:
+        graph = tracer.trace(model)
+    except Exception:
+        return None
+    finally:
+        restore_training(tracer.flags)
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)
-    propagate_shapes(gm, example_inputs)
-    return gm
+    return Traced(gm, _in_order(gm, inputs))
+
+
+def _concrete(model, inputs: dict, is_leaf) -> Traced:
+    try:
+        gm, guards = concrete_trace(model, inputs, is_leaf)
+    except DataDependent as e:
+        raise TraceError(f"{type(model).__name__}: {e.what} at {e.where}, which no trace can follow; keep "
+                         f"the module that does it opaque with --leaf {e.module or 'MODULE_PATH'!r} "
+                         f"(siftc leaves it dense), or write it with tensor ops (torch.where)") from e
+    except UsageError:
+        raise
+    except Exception as e:
+        raise TraceError(f"cannot trace {type(model).__name__}: {_trace_hint(e)}") from e
+    if any(s.kind != "training" for s in guards.specializations):
+        add_input_guard(gm, guards)
+    return Traced(gm, _in_order(gm, inputs), guards, "concrete")
 
 
 def _trace_hint(e: Exception) -> str:
     frames = [f for f in traceback.extract_tb(e.__traceback__) if _users(f.filename)]
     where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"{msg}{where}; fx needs code without data-dependent Python control flow: use tensor ops "
-            f"(torch.where), or wrap the function with torch.fx.wrap / make the module a leaf")
+    return (f"{msg}{where}; keep the module that does it opaque with --leaf MODULE_PATH, or write it "
+            f"with tensor ops (torch.where)")
 
 
 def _users(filename: str) -> bool:

@@ -10,7 +10,7 @@ from models_wide import CatBranches, Chunked, DownsampleResidual, FlattenLinear,
 
 
 def _groups(model, widen_heads=False):
-    gm = trace(model, model.inputs())
+    gm = trace(model, model.inputs()).gm
     return gm, analyse(gm, widen_heads)
 
 

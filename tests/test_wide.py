@@ -116,7 +116,7 @@ def check_widths(p: Point, round_to: int = 1):
     """Every tensor of the wide model has the width the dense model's groups predict: a group that
     widens goes from w to wide_width(w), a dimension made of pieces (after a cat or a split) is the sum
     of its pieces. Expected widths come from the dense model alone, never from the wide one."""
-    dense = trace(p.dense, p.inputs)
+    dense = trace(p.dense, p.inputs).gm
     a = analyse(dense)
     new = a.widths(lambda size, divisors, scale: wide_width(size, p.s, round_to))
     assert all(not g.divisors and g.scale == 1 for g in a.groups)  # no other multiple in these models

@@ -41,13 +41,16 @@ def _round_to(ctx, param, value):
               help="wide: make widths multiples of this.")
 @click.option("--widen-heads", is_flag=True, help="wide: widen attention head dimension too.")
 @click.option("--strict", is_flag=True, help="Fail on a layer or width group siftc cannot transform.")
+@click.option("--leaf", multiple=True, metavar="PATTERN",
+              help="Keep modules matching this fnmatch pattern (path or class name) opaque and as they are "
+                   "(repeatable): for a module that branches on tensor values.")
 @click.option("--seed", type=int, default=DEFAULT["seed"], show_default=True, help="Seed for weight init and masks.")
 @click.option("--input-shape", default=None, metavar="1,3,224,224",
               help="Example input shape, when the model file has no example_inputs().")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert(model, kind, sparsity, output, keep_dense, no_keep_dense, branch_act, round_to, widen_heads,
-            strict, seed, input_shape, force, as_json):
+            strict, leaf, seed, input_shape, force, as_json):
     """Convert MODEL (model.py[:factory] or pkg.module:factory) into a Sparse-IFT artifact.
 
     Importing MODEL runs its code. Examples:
@@ -56,10 +59,12 @@ def convert(model, kind, sparsity, output, keep_dense, no_keep_dense, branch_act
       siftc convert examples/mlp.py --kind parallel --sparsity 0.9 -o out/mlp-par90
       siftc convert examples/resnet.py:resnet18_cifar --kind factorized --sparsity 0.75
       siftc convert examples/gpt.py:gpt --kind doped --sparsity 0.5 --keep-dense 'blocks.0.*'
+      siftc convert mymodel.py --kind wide --sparsity 0.75 --leaf 'router'   # opaque, left dense
     """
     from pathlib import Path
 
     import siftc
+    from siftc.artifact import FORMAT
     from siftc.cli.inspect import print_report
     from siftc.errors import UsageError
     from siftc.source import parse_shape
@@ -69,11 +74,13 @@ def convert(model, kind, sparsity, output, keep_dense, no_keep_dense, branch_act
         raise UsageError("--keep-dense and --no-keep-dense contradict each other; pass one of them")
     stem = Path(model.partition(":")[0]).stem + (f"-{model.partition(':')[2]}" if ":" in model else "")
     out = Path(output or f"{stem}-{kind}{round(sparsity * 100)}")
-    check_output(out, force)  # fail before any work is done
+    model_file = Path(model.partition(":")[0])
+    inputs = (model_file,) if model_file.exists() else ()
+    check_output(out, force, want=FORMAT, inputs=inputs)  # fail before any work is done
     t0 = time.perf_counter()
     gm = siftc.convert(model, kind, sparsity, keep_dense=() if no_keep_dense else (keep_dense or None),
                        branch_act=branch_act, seed=seed, round_to=round_to, strict=strict,
-                       widen_heads=widen_heads,
+                       widen_heads=widen_heads, leaf=leaf,
                        input_shape=parse_shape(input_shape) if input_shape else None)
     siftc.save(gm, out, force=force)
     report = gm.siftc_info.report
