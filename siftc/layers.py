@@ -3,7 +3,8 @@
 Every pass, the FLOP count and the replacement blocks ask `layer_type(module)` (a dict look-up along the
 class's MRO, so a subclass of nn.Linear is a Linear) instead of testing classes themselves:
 
-    t = layer_type(nn.Conv2d(16, 32, 3))   # the Conv2d entry
+    conv = nn.Conv2d(16, 32, 3)
+    t = layer_type(conv)                   # the Conv2d entry
     t.fan_in_out(conv)                     # (144, 32): D_in = C_in*kh*kw per output position
     t.weight_shape(conv, {"in": 24, "out": 48})            # [48, 24, 3, 3]: its weight at new widths
     t.sparse_copy(conv, 500, gen, d_out=8, pointwise=True)  # SparseConv2d(16, 8, 1), 500 non-zeros
@@ -16,7 +17,7 @@ import math
 
 from torch import nn
 
-from siftc.nn.sparse import SparseConv2d, SparseLinear
+from siftc.nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
 
 
 def depthwise(m: nn.Module) -> bool:
@@ -26,6 +27,11 @@ def depthwise(m: nn.Module) -> bool:
 
 def grouped(m: nn.Module) -> bool:
     return getattr(m, "groups", 1) > 1
+
+
+def channel_multiplier(m: nn.Module) -> int:
+    """A depthwise conv's outputs per input channel: out = multiplier x in, at any width."""
+    return m.out_channels // m.in_channels
 
 
 class LayerType:
@@ -90,7 +96,7 @@ class Conv(Linear):
 
     def out_width(self, m, d_in: int, d_out: int | None) -> int:
         """A depthwise conv's outputs are its channel multiplier times its inputs."""
-        return d_in * (m.out_channels // m.in_channels) if depthwise(m) else d_out or m.out_channels
+        return d_in * channel_multiplier(m) if depthwise(m) else d_out or m.out_channels
 
     def weight_shape(self, m, new: dict) -> list[int]:
         groups = new["in"] if depthwise(m) else m.groups
@@ -142,13 +148,14 @@ class Untransformed(LayerType):
 DENSE_TYPES = {
     nn.Linear: Linear(),
     nn.Conv2d: Conv(nn.Conv2d, SparseConv2d, nn.BatchNorm2d),
+    nn.Conv1d: Conv(nn.Conv1d, SparseConv1d, nn.BatchNorm1d),
     nn.Embedding: Embedding(),
-    nn.Conv1d: Untransformed(),
     nn.Conv3d: Untransformed(),
     nn.ConvTranspose2d: Untransformed(),
 }
 # The sparse replacements are their dense twins to everyone who asks (fan-in, positions, shapes).
-LAYER_TYPES = {**DENSE_TYPES, SparseLinear: DENSE_TYPES[nn.Linear], SparseConv2d: DENSE_TYPES[nn.Conv2d]}
+LAYER_TYPES = {**DENSE_TYPES, SparseLinear: DENSE_TYPES[nn.Linear], SparseConv2d: DENSE_TYPES[nn.Conv2d],
+               SparseConv1d: DENSE_TYPES[nn.Conv1d]}
 
 
 def layer_type(m: nn.Module) -> LayerType | None:

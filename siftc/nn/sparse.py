@@ -1,4 +1,4 @@
-"""Sparse Linear and Conv2d: the only layers whose weights siftc masks.
+"""Sparse Linear, Conv2d and Conv1d: the only layers whose weights siftc masks.
 
 A layer holds a dense `weight` Parameter and a boolean `mask` buffer of the same shape. Weights outside
 the mask are exactly zero and get no gradient, whatever the backend. The arithmetic is delegated to a
@@ -111,6 +111,16 @@ class _SparseMixin:
     def extra_repr(self):
         return f"{super().extra_repr()}, density={self.density:.4f}, backend={self.backend}"
 
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """The plain layer (nn.Linear, nn.Conv1d, nn.Conv2d) with the mask folded in (exact zeros), for
+        export."""
+        out = self._dense_twin()
+        out.weight.copy_(self.weight * self.mask)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
 
 class SparseLinear(_SparseMixin, nn.Linear):
     """nn.Linear with a fixed-count random mask; `nnz` non-zeros (default: all)."""
@@ -122,18 +132,13 @@ class SparseLinear(_SparseMixin, nn.Linear):
     def forward(self, x):  # (*, in) -> (*, out)
         return get_backend(self.backend).linear(self, x)
 
-    @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
-        """A plain nn.Linear with the mask folded in (exact zeros), for export."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        out.weight.copy_(self.weight * self.mask)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+    def _dense_twin(self):
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
 
-class SparseConv2d(_SparseMixin, nn.Conv2d):
-    """nn.Conv2d (groups=1) with a fixed-count random mask; `nnz` non-zeros (default: all)."""
+class _SparseConv(_SparseMixin):
+    """A conv (groups=1) with a fixed-count random mask; `nnz` non-zeros (default: all)."""
+    dense_cls: type  # the nn.ConvNd it masks
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  bias=True, nnz=None, generator=None):
@@ -141,21 +146,30 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
                          dilation=dilation, groups=1, bias=bias)
         self._init_mask(nnz, generator)
 
+    def _dense_twin(self):
+        return self.dense_cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                              padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                              padding_mode=self.padding_mode)
+
+
+class SparseConv2d(_SparseConv, nn.Conv2d):
+    """nn.Conv2d (groups=1) with a fixed-count random mask; `nnz` non-zeros (default: all)."""
+    dense_cls = nn.Conv2d
+
     def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
         return get_backend(self.backend).conv2d(self, x)
 
-    @torch.no_grad()
-    def to_dense(self) -> nn.Conv2d:
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                        padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
-                        padding_mode=self.padding_mode)
-        out.weight.copy_(self.weight * self.mask)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+
+class SparseConv1d(_SparseConv, nn.Conv1d):
+    """nn.Conv1d (groups=1) with a fixed-count random mask. Its weight is (Cout, Cin, k), as nn.Conv1d's;
+    the native backend runs it on the 2-D kernels as a (1, k) kernel over (B, Cin, 1, L)."""
+    dense_cls = nn.Conv1d
+
+    def forward(self, x):  # (B, Cin, L) -> (B, Cout, L')
+        return get_backend(self.backend).conv1d(self, x)
 
 
-SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+SPARSE_LAYERS = (SparseLinear, SparseConv2d, SparseConv1d)
 
 
 def set_backend(model: nn.Module, name: str) -> nn.Module:

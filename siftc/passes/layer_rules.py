@@ -9,7 +9,7 @@ is what Sparse Wide rebuilds it from.
 import torch.fx
 from torch import nn
 
-from siftc.layers import depthwise
+from siftc.layers import channel_multiplier, depthwise
 from siftc.passes.tensor_rules import keep_dims, no_rule, node_arg
 
 
@@ -27,18 +27,19 @@ def linear(a, node):
     return xd[:-1] + (out,)
 
 
-def conv2d(a, node):
+def conv(a, node):
+    """nn.Conv1d / nn.Conv2d on a batched input (B, C, *spatial); spatial sizes are not widths."""
     mod = a.gm.get_submodule(node.target)
     x = node.args[0]
     xd = a.dims(x)
-    if len(xd) != 4:
+    if len(xd) != 2 + len(mod.kernel_size):
         return no_rule(a, node)
     spatial = keep_dims(a, x, node)[2:]
     if mod.groups == 1:
         out = _out(a, node, mod.out_channels)
         a.use(node.target, **{"in": xd[1], "out": out})
     elif depthwise(mod):  # groups and outputs scale with the channels
-        mult = mod.out_channels // mod.in_channels
+        mult = channel_multiplier(mod)
         a.use(node.target, **{"in": xd[1]})
         out = tuple((g, m * mult) for g, m in xd[1])
     else:  # grouped: both sides stay multiples of the group count

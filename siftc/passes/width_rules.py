@@ -5,7 +5,7 @@ returns the labels of the node's output dimensions. An op missing from the table
 width it touches keeps its size and the report names the op. Example, a residual block:
 
     y = relu(bn(conv(x)) + shortcut(x))
-    conv: in = x's channels; out = a new group that widens     (MODULE_RULES[nn.Conv2d] = conv2d)
+    conv: in = x's channels; out = a new group that widens     (MODULE_RULES[nn.Conv2d] = conv)
     bn, relu: pass the channel group through                    (same)
     +: ties the conv's out group and the shortcut's into one   (broadcast)
 
@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from siftc.passes.layer_rules import channel_norm, conv2d, embedding, layer_norm, layer_norm_fn, linear
+from siftc.passes.layer_rules import channel_norm, conv, embedding, layer_norm, layer_norm_fn, linear
 from siftc.passes.reshape_rules import flatten, view
 from siftc.passes.tensor_rules import (attention, broadcast, cat, factory, getitem, matmul, no_rule, output,
                                        param, permute, placeholder, reduce, same, split, stack, transpose)
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
                         nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Identity, nn.Dropout, nn.Dropout2d,
-                        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+                        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d,
+                        nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 MODULE_RULES = {
-    nn.Linear: linear, nn.Conv2d: conv2d, nn.Embedding: embedding,
+    nn.Linear: linear, nn.Conv2d: conv, nn.Conv1d: conv, nn.Embedding: embedding,
     nn.BatchNorm1d: channel_norm, nn.BatchNorm2d: channel_norm, nn.GroupNorm: channel_norm,
     nn.LayerNorm: layer_norm, nn.Flatten: flatten,
     **{m: same for m in _ELEMENTWISE_MODULES},

@@ -66,3 +66,6 @@ class AutoBackend:
 
     def conv2d(self, layer, x):
         return self.candidates[self._choose(layer, x, "conv2d")].conv2d(layer, x)
+
+    def conv1d(self, layer, x):
+        return self.candidates[self._choose(layer, x, "conv1d")].conv1d(layer, x)

@@ -11,3 +11,5 @@ class MaskedDense:
 
     def conv2d(self, layer, x):
         return layer._conv_forward(x, layer.weight * layer.mask, layer.bias)
+
+    conv1d = conv2d  # `_conv_forward` is the layer's own, 1-D or 2-D

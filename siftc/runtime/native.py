@@ -1,4 +1,5 @@
-"""The "native" backend: SparseLinear / SparseConv2d on siftc's C++ kernels (SparseProp's algorithm).
+"""The "native" backend: SparseLinear / SparseConv2d / SparseConv1d on siftc's C++ kernels (SparseProp's
+algorithm; a Conv1d runs as a Conv2d with a (1, k) kernel over a height-1 input).
 
 Forward, input gradient and weight gradient touch only the mask's non-zeros (see csrc/sparse_ops.cpp).
 Per layer this backend caches the index built from the mask, keyed on `layer.mask_version`: a mask
@@ -62,7 +63,7 @@ class Native:
             self._index[layer] = entry
         key = (panel, transpose)
         if key not in entry:
-            kk = math.prod(layer.weight.shape[2:]) if layer.weight.dim() == 4 else 1
+            kk = math.prod(layer.weight.shape[2:])  # 1 for a Linear
             with torch.no_grad():
                 entry[key] = torch.ops.siftc.build_index(layer.mask.detach(), kk, panel, transpose)
         return entry[key]
@@ -92,12 +93,22 @@ class Native:
         return y.view(*x.shape[:-1], layer.out_features)
 
     def conv2d(self, layer, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
-        if not supported(layer, x) or layer.padding_mode != "zeros" or isinstance(layer.padding, str) \
-                or layer.groups != 1 or x.dim() != 4:
+        if not _conv_supported(layer, x, 4):
             return self._fallback.conv2d(layer, x)
+        return self._conv(layer, x, layer.weight, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+
+    def conv1d(self, layer, x):  # (B, Cin, L) -> (B, Cout, L'): a (1, k) kernel over (B, Cin, 1, L)
+        if not _conv_supported(layer, x, 3):
+            return self._fallback.conv1d(layer, x)
+        y = self._conv(layer, x.unsqueeze(2), layer.weight.unsqueeze(2), (1, *layer.kernel_size),
+                       (1, *layer.stride), (0, *layer.padding), (1, *layer.dilation))  # (B, Cout, 1, L')
+        return y.squeeze(2)
+
+    def _conv(self, layer, x, weight, kernel, stride, padding, dilation):
+        """The 2-D kernels on x (B, Cin, H, W) and weight (Cout, Cin, kh, kw), a view of layer.weight."""
         build.load()
         b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         # panels sized by the main register tile's input footprint (csrc make_tiles): a tile's slice of a
@@ -108,8 +119,14 @@ class Native:
         panel = _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64)
         nv, nt = _tile(vectors, -(-w // sw))  # a stride phase of dX
         index = self.indexes(layer, panel, _panel(rows * (nt + (kw - 1) * dw) * nv * 64))
-        return torch.ops.siftc.sparse_conv2d(x, layer.weight, layer.bias, list(layer.stride), list(layer.padding),
-                                             list(layer.dilation), *index)[0]
+        return torch.ops.siftc.sparse_conv2d(x, weight, layer.bias, list(stride), list(padding), list(dilation),
+                                             *index)[0]
+
+
+def _conv_supported(layer, x, dims: int) -> bool:
+    """True if the kernels take this conv call (zero padding given as numbers, groups=1, batched input)."""
+    return supported(layer, x) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str) \
+        and layer.groups == 1 and x.dim() == dims
 
 
 def _tile(nvec: int, pos_w: int) -> tuple[int, int]:

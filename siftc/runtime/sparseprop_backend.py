@@ -80,3 +80,6 @@ class SparseProp:
         vals = layer.weight.flatten()[pos]
         return functions.SparseConvFunction.apply(x, vals, idx, layer.bias, layer.out_channels, kh,
                                                   layer.padding[0], layer.stride[0], False, False)
+
+    def conv1d(self, layer, x):
+        raise UsageError(f"backend 'sparseprop' has no 1-D convolution ({layer}); use --backend native")
