@@ -22,15 +22,16 @@ import torch
 from siftc.config import ConvertConfig
 from siftc.errors import ArtifactError, SiftcError, UsageError
 from siftc.source import Source, load_model
-from siftc.store import file_sha256, write_dir
+from siftc.store import file_sha256, os_errors, write_dir
 
 FORMAT = "siftc-artifact"
 VERSION = 2  # 2: sparse layers stored as values inside the mask + mask bits
 FILES = ("siftc.json", "weights.pt", "inputs.pt")
 
 
-def save(gm, out: str | os.PathLike, force: bool = False) -> Path:
-    """Save a model returned by `siftc.convert` as an artifact directory."""
+def save(gm, out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
+    """Save a model returned by `siftc.convert` as an artifact directory. `force` replaces an existing
+    artifact only (never `inputs`, the files the command read; see siftc.store.check_output)."""
     info = getattr(gm, "siftc_info", None)
     if info is None:
         raise UsageError("this model was not produced by siftc.convert; convert it first")
@@ -48,7 +49,8 @@ def save(gm, out: str | os.PathLike, force: bool = False) -> Path:
         }
         (tmp / "siftc.json").write_text(json.dumps(meta, indent=1))
 
-    return write_dir(Path(out), force, fill)
+    source = info.source.path if info.source else None
+    return write_dir(Path(out), force, fill, want=FORMAT, inputs=(*inputs, source))
 
 
 def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
@@ -60,7 +62,8 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
         raise ArtifactError(f"{path} is not a siftc artifact (no siftc.json); pass a directory written "
                             f"by `siftc convert -o`")
     try:
-        meta = json.loads((path / "siftc.json").read_text())
+        with os_errors(path / "siftc.json", "read"):
+            meta = json.loads((path / "siftc.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path / 'siftc.json'} is corrupt ({e}); convert the model again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -80,7 +83,9 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
             f = path / name
             if not f.is_file():
                 raise ArtifactError(f"{f} is missing: the artifact is incomplete; convert the model again")
-            if file_sha256(f) != digest:
+            with os_errors(f, "read"):
+                same = file_sha256(f) == digest
+            if not same:
                 raise ArtifactError(f"{f} does not match its checksum: truncated or corrupt; "
                                     f"convert the model again")
     return meta

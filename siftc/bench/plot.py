@@ -6,6 +6,8 @@
 """
 from pathlib import Path
 
+from siftc.store import PLOT_TAG, PLOTS, os_errors, write_file
+
 STYLE = {  # engine -> (label, colour, marker)
     "onnxruntime": ("ONNX Runtime (no sparsity support)", "tab:red", "s"),
     "torch": ("PyTorch eager (no sparsity support)", "tab:orange", "^"),
@@ -31,8 +33,11 @@ def plot_sweeps(results: list[dict], path, titles: list[str] | None = None) -> P
         _draw(ax, sweep, batch, title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    tag = {PLOTS[f".{fmt}"]: PLOT_TAG} if f".{fmt}" in PLOTS else None  # so --force knows it is siftc's
+    write_file(path, lambda f: fig.savefig(f, format=fmt, dpi=120, metadata=tag))
     plt.close(fig)
     return path
 

@@ -5,6 +5,7 @@ measured in turns: turn 1 runs each pair for its slice, turn 2 again, and so on,
 machine (another job, thermal state) hits every pair alike. Every engine gets the same input arrays.
 Latencies are per call; items/s = batch x calls / measured seconds.
 """
+import math
 import os
 import platform
 import time
@@ -33,7 +34,8 @@ class BenchConfig:
     batches: tuple[int, ...] = (1,)
     # Default: every core this process may use; DeepSparse, ORT and torch are each given this many.
     threads: int = field(default_factory=default_threads)
-    # Calls per pair before timing: first calls pay for allocation, caches and thread-pool start-up.
+    # Calls per pair before timing: first calls pay for allocation, caches and thread-pool start-up
+    # (at least 1: the first call's outputs are compared across engines).
     warmup: int = 5
     # Measured seconds per (file, engine, batch), split over the turns; 5 s when neither is given.
     time_s: float | None = None
@@ -54,14 +56,17 @@ class BenchConfig:
             raise UsageError(f"batch sizes {self.batches} must be positive integers, e.g. --batch 1,64")
         if self.threads < 1:
             raise UsageError(f"threads {self.threads} must be >= 1, e.g. --threads {default_threads()}")
-        if self.warmup < 0 or self.turns < 1:
-            raise UsageError("--warmup must be >= 0 and turns >= 1")
+        if self.warmup < 1 or self.turns < 1:
+            raise UsageError(f"--warmup (got {self.warmup}) and --turns (got {self.turns}) must be >= 1; the "
+                             f"first warm-up call also compares the engines' outputs")
         if self.time_s is None and self.iterations is None:
             object.__setattr__(self, "time_s", 5.0)  # enough calls for a stable p50 on a small model
         if (self.time_s is None) == (self.iterations is None):
             raise UsageError("pass exactly one of --time SECONDS and --iterations N")
-        if (self.time_s is not None and self.time_s <= 0) or (self.iterations is not None and self.iterations < 1):
-            raise UsageError("--time must be > 0 seconds and --iterations >= 1")
+        if (self.time_s is not None and not 0 < self.time_s < math.inf) or \
+                (self.iterations is not None and self.iterations < 1):
+            raise UsageError(f"--time must be a finite number of seconds > 0 (got {self.time_s}) and "
+                             f"--iterations >= 1 (got {self.iterations})")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -188,7 +193,7 @@ def bench(paths, cfg: BenchConfig, progress=None) -> dict:
                 try:
                     eng = cls(f.path, batch, cfg.threads)
                     outs = None
-                    for _ in range(max(cfg.warmup, 1)):
+                    for _ in range(cfg.warmup):
                         outs = eng.run(inputs[(f.path, batch)])
                 except EngineError as e:
                     rows.append(_row(f, name, batch, cfg, status="skipped", note=str(e)))

@@ -12,7 +12,7 @@ from pathlib import Path
 from siftc import export as ex
 from siftc.bench.runner import BenchConfig, bench
 from siftc.errors import UsageError
-from siftc.store import read_sidecar
+from siftc.store import check_parent, file_sha256, os_errors, read_sidecar
 
 
 def point_paths(out_dir: Path, kind: str, sparsity: float) -> tuple[Path | None, Path]:
@@ -23,12 +23,23 @@ def point_paths(out_dir: Path, kind: str, sparsity: float) -> tuple[Path | None,
     return out_dir / stem, out_dir / f"{stem}.onnx"
 
 
+def _same_model(src: dict, spec: str) -> bool:
+    """Whether a sidecar's model source is `spec`: the same file (path and content) and factory, not
+    just a file of the same name."""
+    target, _, factory = spec.partition(":")
+    if factory and src.get("spec", "").rpartition(":")[2] != factory:
+        return False
+    if not Path(target).is_file():  # pkg.module:factory
+        return src.get("spec") == spec
+    return src.get("path") == str(Path(target).resolve()) and src.get("sha256") == file_sha256(target)
+
+
 def _reusable(onnx_path: Path, spec: str, kind: str, sparsity: float, batch, opset: int, round_to: int) -> bool:
     meta = read_sidecar(onnx_path) if onnx_path.is_file() else None
     if meta is None:
         return False
     src = meta["source"].get("model") or meta["source"]  # artifact -> its model source
-    return (src.get("spec", "").split(":")[0].endswith(Path(spec.split(":")[0]).name)
+    return (_same_model(src, spec)
             and meta["kind"] == (kind if sparsity else "dense") and meta["sparsity"] == sparsity
             and meta["batch"] == batch and meta["opset"] == opset
             and (not sparsity or (meta.get("config") or {}).get("round_to") == round_to))
@@ -46,7 +57,11 @@ def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None
     if dense and sparsities[0] != 0:
         sparsities.insert(0, 0.0)  # everything is read relative to the dense model
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file; name a directory for the sweep's files")
+    check_parent(out_dir / "dense.onnx")
+    with os_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in sparsities:
         art, path = point_paths(out_dir, kind, s)

@@ -1,5 +1,4 @@
 """`siftc bench`: latency and throughput of ONNX files on DeepSparse, ONNX Runtime and PyTorch."""
-import json
 from pathlib import Path
 
 import click
@@ -44,7 +43,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--batch", "batches", default=",".join(map(str, DEFAULT["batches"])), show_default=True,
               help="Comma-separated batch sizes.")
 @click.option("--threads", type=int, default=None, help="Threads (cores) per engine.  [default: all usable cores]")
-@click.option("--warmup", type=int, default=DEFAULT["warmup"], show_default=True, help="Untimed calls per engine first.")
+@click.option("--warmup", type=int, default=DEFAULT["warmup"], show_default=True, help="Untimed calls per engine first (the first also compares the engines' outputs).")
 @click.option("--time", "time_s", type=float, default=TIME_S, show_default=True,
               help="Measured seconds per (model, engine, batch).")
 @click.option("--iterations", type=int, default=None, help="Measured calls per (model, engine, batch), instead of --time.")
@@ -63,7 +62,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--round-to", type=int, default=ROUND_TO, show_default=True, help="With --sweep: width multiple (wide).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="With --sweep: ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="With --sweep: export a free batch dimension.")
-@click.option("--force", is_flag=True, help="With --sweep: rebuild every point even if up to date.")
+@click.option("--force", is_flag=True, help="Replace --json/--plot files siftc wrote; with --sweep, also rebuild "
+              "every point even if up to date.")
 @click.pass_context
 def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations, turns, json_out, plot_out,
               sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force):
@@ -84,8 +84,10 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from siftc.bench.engine import parse_engines
-    from siftc.bench.runner import bench, default_threads
+    from siftc.bench.plot import plot_sweep
+    from siftc.bench.runner import FORMAT, bench, default_threads
     from siftc.errors import UsageError
+    from siftc.store import PLOT_TAG, check_output, sidecar_path, write_json
 
     if sweep_model and models:
         raise UsageError("pass either MODEL.onnx files or --sweep MODEL.py, not both")
@@ -95,8 +97,15 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
         raise UsageError("--plot draws a sweep; add --sweep model.py (or drop --plot)")
     if iterations is not None and ctx.get_parameter_source("time_s") == ParameterSource.COMMANDLINE:
         raise UsageError("--time and --iterations contradict each other; pass one of them")
+    # Before any work: the files this command reads are never what it writes.
+    reads = [*models, *map(sidecar_path, models), sweep_model.partition(":")[0] if sweep_model else None]
+    for path, want in ((json_out, FORMAT), (plot_out, PLOT_TAG)):
+        if path:
+            check_output(path, force, want=want, inputs=reads)
+    if json_out and plot_out and Path(json_out).resolve() == Path(plot_out).resolve():
+        raise UsageError(f"--json and --plot both name {json_out}; give them different files")
     cfg = BenchConfig(engines=tuple(parse_engines(engines)), batches=_ints(batches, "--batch"),
-                      threads=threads or default_threads(), warmup=warmup,
+                      threads=default_threads() if threads is None else threads, warmup=warmup,
                       time_s=None if iterations is not None else time_s, iterations=iterations, turns=turns)
     err = Console(stderr=True)
     # Not a terminal (a log, a pipe): no bar, which would leave a blank line before an error.
@@ -120,11 +129,10 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
             result = bench(models, cfg, progress=progress)
     print_results(result)
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=1))
-        click.echo(f"wrote {json_out}")
+        check_output(json_out, force, want=FORMAT, inputs=reads)  # again: the run took a while
+        click.echo(f"wrote {write_json(json_out, result)}")
     if plot_out:
-        from siftc.bench.plot import plot_sweep
+        check_output(plot_out, force, want=PLOT_TAG, inputs=reads)
         click.echo(f"wrote {plot_sweep(result, plot_out)}")
 
 

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from siftc.errors import UsageError
-from siftc.store import write_file, write_json
+from siftc.errors import SiftcError, UsageError
+from siftc.store import os_errors, write_file, write_json
 
 RUN_FORMAT = "siftc-run"
 CKPT_FORMAT = "siftc-checkpoint"
 VERSION = 1
+# What a checkpoint holds (siftc.train.loop._checkpoint writes them, _restore reads them).
+KEYS = ("run_id", "step", "model", "optimizer", "scheduler", "rng", "metrics_offset", "elapsed")
 
 
 def artifact_digest(artifact) -> str:
@@ -42,11 +44,15 @@ def write_run(run: Path, config: dict, artifact_sha: str, data_sha: str) -> dict
 def read_run(run) -> dict:
     run = Path(run)
     path = run / "run.json"
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"{run} is a file, not a siftc training run; pass the -o directory of an "
+                         f"earlier `siftc train`")
     if not path.is_file():
         raise UsageError(f"{run} is not a siftc training run (no run.json); pass the -o directory of "
                          f"an earlier `siftc train`")
     try:
-        info = json.loads(path.read_text())
+        with os_errors(path, "read"):
+            info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is corrupt ({e}); start a new run") from e
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT or info.get("version") != VERSION:
@@ -66,13 +72,20 @@ def load(run: Path, run_id: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with os_errors(path, "read"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except SiftcError:
+        raise
     except Exception as e:
         raise UsageError(f"cannot read {path} ({str(e).splitlines()[0]}); it is corrupt, or not a "
                          f"siftc checkpoint; delete it to restart the run from step 0") from e
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("version") != VERSION:
         raise UsageError(f"{path} is not a siftc checkpoint of version {VERSION}; delete it to restart "
                          f"the run from step 0")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise UsageError(f"{path} lacks {missing[0]!r}: truncated or written by another tool; delete it "
+                         f"to restart the run from step 0")
     if state.get("run_id") != run_id:
         raise UsageError(f"{path} belongs to another run (run id {state.get('run_id')}, this run is "
                          f"{run_id}); resume the run it came from, or delete it to restart from step 0")

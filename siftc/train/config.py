@@ -1,4 +1,5 @@
 """Training settings: one frozen dataclass, validated on construction."""
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -53,8 +54,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise UsageError(f"{name.replace('_', '-')}={v!r} must be a positive integer")
-        if self.epochs is not None and not self.epochs > 0:
-            raise UsageError(f"epochs={self.epochs!r} must be positive, e.g. --epochs 3")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise UsageError(f"epochs={self.epochs!r} must be a positive finite number, e.g. --epochs 3")
         for name in ("batch_size", "update_every", "checkpoint_every", "log_every", "nproc"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -65,10 +66,10 @@ class TrainConfig:
         if self.batch_size % self.nproc:
             raise UsageError(f"batch size {self.batch_size} does not split over {self.nproc} processes; "
                              f"pass a --batch-size that is a multiple of --nproc")
-        if not self.lr > 0:
-            raise UsageError(f"lr={self.lr!r} must be positive, e.g. --lr 1e-3")
-        if not self.weight_decay >= 0:
-            raise UsageError(f"weight decay {self.weight_decay!r} must be >= 0")
+        if not 0 < self.lr < math.inf:
+            raise UsageError(f"lr={self.lr!r} must be a positive finite number, e.g. --lr 1e-3")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UsageError(f"weight decay {self.weight_decay!r} must be a finite number >= 0")
         if not 0 <= self.drop_fraction <= 1 or not 0 <= self.end_fraction <= 1:
             raise UsageError(f"drop fraction and end fraction must be in [0, 1] "
                              f"(paper: {DROP_FRACTION} and {END_FRACTION})")

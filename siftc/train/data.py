@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from siftc.errors import UsageError
+from siftc.store import os_error, os_errors
 
 VAL_FRACTION = 0.1      # held out when the data has no explicit validation split
 MAX_VAL_WINDOWS = 256   # text validation: at most this many non-overlapping windows (keeps eval quick)
@@ -71,7 +72,9 @@ def load(path, example_inputs: tuple, output_shape: tuple) -> Data:
     """Read and check `path` against a model that takes `example_inputs` and returns `output_shape`."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"data file {path} not found; pass a .npz with x/y arrays or a text file "
+        what = "not found" if not path.exists() else "is a directory" if path.is_dir() else \
+            "is not a regular file (a device or a pipe)"
+        raise UsageError(f"data file {path} {what}; pass a .npz with x/y arrays or a text file "
                          f"(examples/make_data.py writes both)")
     x0 = example_inputs[0]
     takes_tokens = not torch.is_floating_point(x0)
@@ -91,6 +94,8 @@ def _load_npz(path: Path, x0: torch.Tensor, output_shape: tuple) -> Data:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's doing, not the format's
+            raise os_error(e, path, "read") from e
         raise UsageError(f"cannot read {path} as .npz ({str(e).splitlines()[0]}); write it with "
                          f"numpy.savez(path, x=..., y=...)") from e
     for key in ("x", "y"):
@@ -132,6 +137,11 @@ def _check_pair(path, kx, ky, x, y, x0: torch.Tensor, classes: int):
                          f"classes (0..{classes - 1}); relabel, or use the matching artifact")
     if len(x) == 0:
         raise UsageError(f"{path}: {kx} is empty")
+    finite = np.isfinite(x).reshape(len(x), -1).all(1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise UsageError(f"{path}: {kx} has NaN or infinite values in {len(rows)} row(s) (first: row "
+                         f"{rows[0]}); clean or drop them before training")
     return torch.from_numpy(np.ascontiguousarray(x)).float(), torch.from_numpy(y.astype(np.int64))
 
 
@@ -140,8 +150,9 @@ def _load_text(path: Path, x0: torch.Tensor, output_shape: tuple) -> Data:
         raise UsageError(f"byte-level language modelling needs a model from (B, T) token ids to (B, T, "
                          f">= {VOCAB}) logits; this artifact's model gives {tuple(output_shape)}")
     block = x0.shape[1]
-    raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long() if path.stat().st_size \
-        else torch.zeros(0, dtype=torch.long)
+    with os_errors(path, "read"):
+        text = path.read_bytes()
+    raw = torch.frombuffer(bytearray(text), dtype=torch.uint8).long() if text else torch.zeros(0, dtype=torch.long)
     n_val = int(len(raw) * VAL_FRACTION)
     need = block + 1
     if n_val < need or len(raw) - n_val < need:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from siftc.errors import SiftcError
 from siftc.train.config import TrainConfig
 
 
@@ -24,12 +25,17 @@ def free_port() -> int:
 
 
 def launch(cfg: TrainConfig, run_id: str, progress=None):
-    """Run `cfg` in cfg.nproc processes and wait for all of them."""
+    """Run `cfg` in cfg.nproc processes and wait for all of them. A SiftcError in a worker (a diverged
+    loss, a full disk) is raised here as it was raised there, not as a worker's traceback."""
     port = free_port()
-    mp.spawn(_worker, args=(cfg, run_id, progress, port), nprocs=cfg.nproc, join=True)
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_worker, args=(cfg, run_id, progress, port, errors), nprocs=cfg.nproc, join=True)
+    if not errors.empty():
+        kind, message = errors.get()
+        raise kind(message)
 
 
-def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int):
+def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int, errors=None):
     from siftc.train.loop import run
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -37,5 +43,9 @@ def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int):
     dist.init_process_group("gloo", rank=rank, world_size=cfg.nproc)
     try:
         run(cfg, run_id, progress, rank=rank, world=cfg.nproc)
+    except SiftcError as e:
+        if errors is None:
+            raise
+        errors.put((type(e), str(e)))
     finally:
         dist.destroy_process_group()

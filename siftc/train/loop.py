@@ -7,7 +7,10 @@ mask scheduler on a runtime backend, checkpoint, evaluate, and save the trained 
 The library never prints: pass `progress`, a callable taking event dicts ({"event": "start" | "step" |
 "eval" | "end", ...}); only rank 0 calls it.
 """
+import contextlib
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -20,8 +23,10 @@ import siftc
 from siftc.errors import UsageError
 from siftc.nn.sparse import set_backend
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
-from siftc.store import check_output, file_sha256, write_file, write_json
+from siftc.artifact import FORMAT as ARTIFACT
+from siftc.store import check_output, file_sha256, os_errors, run_lock, write_file, write_json
 from siftc.train import checkpoint, data as data_mod
+from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.flops import training_flops
 
@@ -35,17 +40,52 @@ def prepare(cfg: TrainConfig):
     model.eval()
     with torch.no_grad():
         out = model(*info.example_inputs)
-    return model, data_mod.load(cfg.data, info.example_inputs, tuple(out.shape))
+    data = data_mod.load(cfg.data, info.example_inputs, tuple(out.shape))
+    if cfg.batch_size > data.train_items:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {data.train_items} training "
+                         f"examples in {cfg.data}; pass --batch-size {data.train_items} or less, or more data")
+    _check_batch_norm(model, data, cfg)
+    return model, data
+
+
+def _check_batch_norm(model, data, cfg: TrainConfig):
+    """BatchNorm in training needs more than one value per channel; with one example per process and
+    no spatial dimensions it has one. Checked on a real batch with hooks, in eval mode (no statistics
+    change)."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    if not norms or cfg.batch_size // cfg.nproc > 1:
+        return
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].numel() // a[0].shape[1]))
+             for n, m in norms.items()]
+    try:
+        with torch.no_grad():
+            model(data.batch(0, cfg.batch_size, cfg.seed, 0, cfg.nproc)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    one = [n for n, values in seen.items() if values <= 1]
+    if one:
+        raise UsageError(f"BatchNorm layer {one[0]} cannot train on {cfg.batch_size // cfg.nproc} example "
+                         f"per process (it needs more than one value per channel); pass --batch-size "
+                         f"{2 * cfg.nproc} or more")
 
 
 def start(cfg: TrainConfig, force: bool = False) -> dict:
-    """Create RUN/ and its run.json for a new run."""
-    out = check_output(cfg.out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.png"):
-        (out / stale).unlink(missing_ok=True)
-    return checkpoint.write_run(out, cfg.to_json(), checkpoint.artifact_digest(cfg.artifact),
-                                file_sha256(cfg.data))
+    """Fill RUN/ (created, or a run being replaced, and locked by the caller) with a new run.json,
+    after removing what an earlier run left there."""
+    out = Path(cfg.out)
+    with os_errors(out):
+        for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.png", "run.json"):
+            (out / stale).unlink(missing_ok=True)
+        model = out / "model"
+        if model.is_symlink() or model.is_file():
+            model.unlink()
+        elif model.is_dir():
+            shutil.rmtree(check_output(model, True, want=ARTIFACT))
+    with os_errors(cfg.data, "read"):
+        data_sha = file_sha256(cfg.data)
+    return checkpoint.write_run(out, cfg.to_json(), checkpoint.artifact_digest(cfg.artifact), data_sha)
 
 
 def check_resumable(run) -> tuple[TrainConfig, dict]:
@@ -57,29 +97,42 @@ def check_resumable(run) -> tuple[TrainConfig, dict]:
             ("data", cfg.data, info["data_sha"], file_sha256)):
         if not Path(path).exists():
             raise UsageError(f"the run's {what} {path} is gone; restore it to resume {run}")
-        if now(path) != digest:
+        with os_errors(path, "read"):
+            same = now(path) == digest
+        if not same:
             raise UsageError(f"the run's {what} {path} changed since {run} started; a resumed run "
                              f"must see the same {what}: restore it or start a new run")
     return cfg, info
 
 
 def train(cfg: TrainConfig, progress=None, force: bool = False, resume: bool = False) -> dict:
-    """Train in this process (cfg.nproc == 1) or in cfg.nproc processes. Returns the run's summary."""
-    if resume:
-        cfg, info = check_resumable(cfg.out)
-    prepared = prepare(cfg)
-    if resume:  # a checkpoint from elsewhere fails here, in one line, not inside N worker processes
-        state = checkpoint.load(cfg.out, info["run_id"])
-        if state is not None:
-            _fits(prepared[0], state, Path(cfg.out))
-    else:
-        info = start(cfg, force)
-    if cfg.nproc > 1:
-        from siftc.train.distributed import launch
-        launch(cfg, info["run_id"], progress)
-    else:
-        run(cfg, info["run_id"], progress, prepared=prepared)
-    return json.loads((Path(cfg.out) / "summary.json").read_text())
+    """Train in this process (cfg.nproc == 1) or in cfg.nproc processes. Returns the run's summary.
+    RUN/ is locked while this runs: a second run into it, or a resume of it, is refused."""
+    out = Path(cfg.out)
+    with contextlib.ExitStack() as stack:
+        if resume:
+            checkpoint.read_run(out)
+            stack.enter_context(run_lock(out))
+            cfg, info = check_resumable(out)
+        else:  # the output is checked before the (slow) loading, and again once locked
+            check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))
+        prepared = prepare(cfg)
+        if resume:  # a checkpoint from elsewhere fails here, in one line, not inside N worker processes
+            state = checkpoint.load(out, info["run_id"])
+            if state is not None:
+                _fits(prepared[0], state, out)
+        else:
+            check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))
+            with os_errors(out):
+                out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(run_lock(out))
+            info = start(cfg, force)
+        if cfg.nproc > 1:
+            from siftc.train.distributed import launch
+            launch(cfg, info["run_id"], progress)
+        else:
+            run(cfg, info["run_id"], progress, prepared=prepared)
+        return json.loads((out / "summary.json").read_text())
 
 
 def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1, prepared=None) -> None:
@@ -113,16 +166,20 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
 
     t0, window, n_window = time.perf_counter() - elapsed0, 0.0, 0
     t_window = time.perf_counter()
+    kept = step0 if state is not None else None  # the step the run's checkpoint holds
     for step in range(step0, steps):
         model.train()
         x, y = data.batch(step, cfg.batch_size, cfg.seed, rank, world)
         loss = _loss(net(x), y)
+        value = loss.item()
+        if not _finite_everywhere(value, world):
+            raise _diverged(cfg, step + 1, f"the loss is {value}", kept)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         record = sched.step()
         done = step + 1
-        window, n_window = window + loss.item(), n_window + 1
+        window, n_window = window + value, n_window + 1
         if record and lead:
             log.write({"step": done, "mask_update": record["drop_fraction"],
                        "changed": sum(record["changed"].values())})
@@ -139,14 +196,34 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
             log.write({"step": done, **val})
             emit({"event": "eval", "step": done, **val})
         if done % cfg.checkpoint_every == 0 or done == steps:
+            bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+            if bad:  # equal on every rank (DDP), so every rank stops here
+                raise _diverged(cfg, done, f"{bad[0]} is not finite{f' (and {len(bad) - 1} more)' * (len(bad) > 1)}",
+                                kept)
             _checkpoint(out, run_id, model, optimizer, sched, done, log, time.perf_counter() - t0, world,
                         lead)
+            kept = done
     if world > 1:
         _check_ranks_agree(model)
     if lead:
         summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0)
         log.f.close()
         emit({"event": "end", **summary})
+
+
+def _finite_everywhere(value: float, world: int) -> bool:
+    """Whether the loss is finite on every rank (each rank learns the same answer, so all stop together)."""
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if world > 1:
+        dist.all_reduce(bad)
+    return not bad.item()
+
+
+def _diverged(cfg: TrainConfig, step: int, what: str, kept: int | None) -> UsageError:
+    where = (f"{Path(cfg.out) / 'checkpoint.pt'} keeps step {kept}, the last finite one" if kept is not None
+             else "no checkpoint was written before it")
+    return UsageError(f"training diverged at step {step}: {what}; {where}; lower --lr (it is {cfg.lr:g}) "
+                      f"or check the data, and start a new run")
 
 
 def _loss(logits, y):
@@ -176,13 +253,15 @@ class _Metrics:
 
     def __init__(self, path: Path, offset: int):
         self.path = path
-        with open(path, "ab") as f:
-            f.truncate(offset)
-        self.f = open(path, "a")
+        with os_errors(path):
+            with open(path, "ab") as f:
+                f.truncate(offset)
+            self.f = open(path, "a")
 
     def write(self, record: dict):
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        with os_errors(self.path):
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
 
     def tell(self) -> int:
         return self.f.tell()
