@@ -11,8 +11,10 @@ BatchNorm stays a BatchNormalization node for the engine to fold (DeepSparse fus
       branches.1: SparseConv2d + BN + ReLU      Add
 
 Every export is checked before it is reported done (siftc.export_checks: the onnx checker, ONNX Runtime
-outputs against the PyTorch model within ATOL + RTOL*|y|, and each sparse weight as stored in the file
-has zeros exactly where the model's mask has them). A sidecar `<file>.json` (siftc.store) records the
+outputs against the PyTorch model within ATOL + RTOL*|y|, each sparse weight as stored in the file
+has zeros exactly where the model's mask has them, and, when the model's outputs do not vary with its
+inputs, each sparse layer's output too; the checks record what they compared and whether that could
+tell a wrong file apart). A sidecar `<file>.json` (siftc.store) records the
 source, kind, sparsity, inputs, per-layer densities and FLOPs; `verify(path)` re-runs the checks from it.
 """
 import contextlib

@@ -279,3 +279,63 @@ def test_export_help_shows_the_export_functions_defaults():
 def test_export_batch_and_dynamic_batch_still_contradict(tmp_path):
     assert_one_line_error(siftc_cli("export", MLP, "-o", tmp_path / "m.onnx", "--batch", "1", "--dynamic-batch"),
                           tmp_path, r"--batch and --dynamic-batch contradict")
+
+
+# A model siftc cannot deep-copy (it copies so the user's model is left untouched): today an internal
+# error, and the way to reach one from the command line.
+UNCOPYABLE = """import threading
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def build():
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(2, 8),)
+"""
+
+INTERNAL = (r"siftc: internal error: TypeError: cannot pickle '_thread\.lock' object \(at siftc/export\.py:\d+\); "
+            r"rerun with --debug for the traceback and please report it")
+
+
+def test_an_internal_error_is_one_line_with_exit_code_1(tmp_path):
+    (tmp_path / "uncopyable.py").write_text(UNCOPYABLE)
+    run = [installed_siftc(), "export", tmp_path / "uncopyable.py", "-o", tmp_path / "out" / "m.onnx"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert re.fullmatch(INTERNAL + "\n", proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    debug = subprocess.run([run[0], "--debug", *run[1:]], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "siftc: internal error" not in debug.stderr
+    assert debug.stderr.startswith("Traceback (most recent call last):") and 'siftc/export.py", line' in debug.stderr
+    assert debug.stderr.rstrip().endswith("TypeError: cannot pickle '_thread.lock' object")
+
+
+def test_an_internal_error_names_the_fx_node():
+    import torch
+    from torch import nn
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from siftc.errors import internal_error
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    shapes = "RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x4)"
+    with pytest.raises(RuntimeError) as interpreted:  # a pass walking the graph: its `node` local
+        ShapeProp(gm).propagate(torch.randn(2, 3))
+    assert internal_error(interpreted.value) == f"{shapes} (at fx node _0 (call_module 0))"  # the cause, not the wrapper
+    with pytest.raises(RuntimeError) as generated:  # the GraphModule's own forward: its generated line
+        gm(torch.randn(2, 3))
+    assert internal_error(generated.value) == f"{shapes} (at fx node _0)"

@@ -72,6 +72,9 @@ def test_every_example_and_kind_exports_checked(tmp_path, spec, kind):
     assert meta["source"] == {"type": "in-memory", "converted_from": spec_path(spec)}
     assert meta["flops"] == gm.siftc_info.report["flops"] == sum(layer["flops"] for layer in meta["layers"])
     assert meta["checks"]["sparsity"] == "passed" and meta["checks"]["max_abs_error"] <= ex.ATOL
+    # The check could have failed: the outputs vary with the input, or else the sparse layers' were compared.
+    assert meta["checks"]["discriminates"]
+    assert meta["checks"]["outputs_vary"] or meta["checks"]["compared"] == "outputs and sparse layer outputs"
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -222,3 +225,97 @@ def test_a_bool_input_keeps_its_pattern_from_export_to_bench(tmp_path):
     assert (drop == np.array([[True, False, False, True]] * 3)).all()  # all True would drop every logit
     (y,) = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"]).run(None, {"x": x, "drop": drop})
     assert np.isfinite(y).all() and np.allclose(y.sum(-1), 1)
+
+
+DEAD_HEAD = '''
+import torch
+from torch import nn
+
+
+def build():
+    """An MLP with a zero-initialised head: its output is the head's bias, whatever the input."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                        nn.Linear(64, 4))
+    nn.init.zeros_(net[6].weight)
+    return net
+
+
+def example_inputs():
+    return (torch.randn(2, 8),)
+'''
+
+
+@pytest.fixture(scope="module")
+def dead_head(tmp_path_factory):
+    """A constant-output model: its file, and an export of its parallel-0.75 conversion (via an artifact)."""
+    folder = tmp_path_factory.mktemp("dead")
+    (folder / "dead.py").write_text(DEAD_HEAD)
+    siftc.save(siftc.convert(str(folder / "dead.py"), kind="parallel", sparsity=0.75), folder / "art")
+    return folder / "dead.py", ex.export(folder / "art", folder / "dead.onnx", batch=2)
+
+
+def _perturb(path, out, initializer, change):
+    model = onnx.load(str(path))
+    t = next(t for t in model.graph.initializer if t.name == initializer)
+    t.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(t).copy()), t.name))
+    onnx.save(model, str(out))
+    (Path(str(out) + ".json")).write_text(Path(str(path) + ".json").read_text())  # the same sidecar
+
+
+def test_constant_outputs_compare_the_sparse_layers(tmp_path, dead_head):
+    _, done = dead_head
+    c = done.meta["checks"]
+    assert not c["outputs_vary"] and c["output_spread"] == 0  # the head is zero: outputs are its bias
+    assert c["compared"] == "outputs and sparse layer outputs" and c["discriminates"]
+    sparse = {layer["name"] for layer in done.meta["layers"] if layer["initializer"]}
+    assert {r["name"] for r in c["layers_compared"]} == sparse and c["layers_not_compared"] == {}
+    assert all(r["scale"] > 0 and r["max_abs_error"] <= ex.ATOL * r["scale"] for r in c["layers_compared"])
+    res = CliRunner().invoke(main, ["export", str(done.path.parent / "art"), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"outputs do not vary with the input \(spread 0\.00e\+00\), so 8 sparse layers' outputs "
+                     r"were compared too", res.output), res.output
+
+
+@pytest.mark.parametrize("initializer,change,match", [
+    # Neither changes a weight's zeros, so only the comparison of the sparse layers' outputs sees them.
+    ("2.branches.0.0.bias", lambda b: b + 0.5, r"sparse layer 2\.branches\.0\.0's output .* differs"),
+    ("0.weight", lambda w: w * 1.5, r"sparse layer 2\.branches\.0\.0's output .* differs"),  # dense, upstream
+    ("4.branches.1.0.weight", lambda w: w * 1.5, r"no initializer stores the weight of sparse layer 4\.branches\.1\.0"),
+])
+def test_a_wrong_file_of_a_constant_output_model_is_caught(tmp_path, dead_head, initializer, change, match):
+    _, done = dead_head
+    wrong = tmp_path / "wrong.onnx"
+    _perturb(done.path, wrong, initializer, change)
+    folded, _, example = ex.rebuild(wrong)
+    x = make_inputs(example, 2, seed=2)
+    assert export_checks.check_outputs(wrong, folded, x) == 0  # the outputs alone cannot tell
+    with pytest.raises(ex.ExportCheckError, match=match):
+        ex.verify(wrong)
+
+
+def test_a_dense_constant_output_model_says_the_check_could_not_discriminate(tmp_path, dead_head):
+    model_py, _ = dead_head
+    res = CliRunner().invoke(main, ["export", str(model_py), "-o", str(tmp_path / "d.onnx")])
+    assert res.exit_code == 0, res.output
+    c = read_sidecar(tmp_path / "d.onnx")["checks"]
+    assert c["compared"] == "outputs" and not c["discriminates"] and c["layers_compared"] == []
+    assert "warning: the check could not discriminate: the outputs do not vary with the input" in res.output
+    assert "the model has no sparse layers" in res.output
+
+
+def test_mobilenetv2_factorized_wrong_file_is_caught(tmp_path):
+    # Its activations vanish at random init (outputs ~1e-22): the file's outputs are compared and so are
+    # its sparse layers', each relative to its own scale.
+    gm = siftc.convert(spec_path("examples/mobilenetv2.py:mobilenetv2"), kind="factorized", sparsity=0.5)
+    done = ex.export(gm, tmp_path / "m.onnx", batch=2)
+    c = done.meta["checks"]
+    assert not c["outputs_vary"] and c["compared"] == "outputs and sparse layer outputs" and c["discriminates"]
+    assert len(c["layers_compared"]) == sum(hasattr(m, "mask") for m in gm.modules())
+    folded, masks = ex.fold(gm)
+    wrong = tmp_path / "wrong.onnx"
+    _perturb(done.path, wrong, "stem.0.weight", lambda w: w * 1.5)  # the dense stem conv, before every sparse layer
+    x = make_inputs(gm.siftc_info.example_inputs, 2)
+    with pytest.raises(ex.ExportCheckError, match=r"sparse layer blocks\.0\.project\.0\.u's output"):
+        export_checks.check(wrong, folded, x, masks, example_inputs=gm.siftc_info.example_inputs)
+    assert export_checks.check(done.path, folded, x, masks, example_inputs=gm.siftc_info.example_inputs)["discriminates"]

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import click
 
-from siftc.errors import SiftcError
+from siftc.errors import SiftcError, internal_error
 
 # `siftc` alone prints the help (click raises it as a usage error since 8.2)
 _NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -43,9 +43,12 @@ class _LazyGroup(click.Group):
 @contextmanager
 def _one_line_errors(ctx):
     """A SiftcError, or a bad flag click catches (its usage block would be several lines), becomes
-    `siftc: error: <one line>` and exit code 2; --debug shows them as raised."""
+    `siftc: error: <one line>` and exit code 2. Any other exception is a bug in siftc: one line
+    `siftc: internal error: ...` naming where it happened, and exit code 1. --debug shows them as raised."""
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.Abort):
+        raise  # click's own way out (ctx.exit, Ctrl-C), which are RuntimeErrors
     except (SiftcError, click.UsageError) as e:
         if (ctx.obj or {}).get("debug") or isinstance(e, _NoArgsIsHelp):
             raise
@@ -55,6 +58,14 @@ def _one_line_errors(ctx):
             message = f"{message.rstrip('.')}; see '{command} --help'"
         click.echo(f"siftc: error: {message}", err=True)
         ctx.exit(2)
+    except click.ClickException:
+        raise  # click prints these on one line itself
+    except Exception as e:
+        if (ctx.obj or {}).get("debug"):
+            raise
+        click.echo(f"siftc: internal error: {internal_error(e)}; rerun with --debug for the traceback and "
+                   f"please report it", err=True)
+        ctx.exit(1)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,6 +6,7 @@ import click
 from click.core import ParameterSource
 
 from siftc.export import DEFAULT_OPSET, export
+from siftc.export_checks import TINY
 
 BATCH = inspect.signature(export).parameters["batch"].default  # export()'s own, so help shows what runs
 
@@ -25,6 +26,9 @@ def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force):
     baseline; importing it runs its code). Masks are folded into the weights as exact zeros and
     BatchNorm is left for the engine to fold. The file is reported done only after the onnx checker,
     ONNX Runtime against PyTorch (|d| <= 1e-4 + 1e-3*|y|) and each weight's zeros against its mask.
+    When the model's outputs do not vary with its input (activations that vanish at random init), a
+    wrong file would give the same outputs: each sparse layer's output is compared too, or the output
+    says the check could not discriminate.
 
     \b
       siftc export out/rn18-wide90 -o rn18-wide90.onnx --batch 64
@@ -49,4 +53,21 @@ def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force):
     click.echo(f"checked: onnx checker passed; ONNX Runtime vs PyTorch max |d| {c['max_abs_error']:.2e} "
                f"(allowed {c['atol']:g} + {c['rtol']:g}*|y|); {len(sparse)} sparse weights stored with "
                f"exactly their masks' zeros; {m['nonzero_params']:,} of {m['params']:,} params non-zero")
+    click.echo(compared(c))
     click.echo(f"sidecar {done.sidecar}; next: siftc bench {done.path}")
+
+
+def compared(c: dict) -> str:
+    """What the ONNX Runtime vs PyTorch check compared, and whether it could tell a wrong file apart."""
+    if c["outputs_vary"]:
+        return f"compared: the outputs, which vary with the input (spread {c['output_spread']:.2e})"
+    layers = [r for r in c["layers_compared"] if r["scale"] > TINY]
+    still = f"the outputs do not vary with the input (spread {c['output_spread']:.2e})"
+    if not c["discriminates"]:
+        dead = len(c["layers_compared"]) - len(layers)
+        why = [f"{k}: {v}" for k, v in c["layers_not_compared"].items()] + ([f"{dead} output ~0"] if dead else [])
+        return (f"warning: the check could not discriminate: {still}, and no sparse layer's output could "
+                f"stand in ({'; '.join(why) or 'the model has no sparse layers'}); a wrong file would pass it")
+    worst = max(r["max_abs_error"] / r["scale"] for r in layers)
+    return (f"compared: {still}, so {len(layers)} sparse layers' outputs were compared too "
+            f"(max |d| {worst:.2e} of each layer's largest |y|)")
