@@ -1,6 +1,6 @@
 """The one FLOP count: passes, reports, tests and benchmarks all use it.
 
-Weight FLOPs = 2 x multiply-accumulates of weight layers (Linear, Conv2d: the layers whose
+Weight FLOPs = 2 x multiply-accumulates of weight layers (Linear, Conv1d, Conv2d: the layers whose
 `siftc.layers` entry is `counted`), each counted at its non-zeros: a SparseLinear with nnz non-zeros
 producing P output positions costs 2 * nnz * P. Embeddings are look-ups (0 FLOPs). Non-weight work that
 a transformation adds (the BatchNorms in parallel branches or the factorized middle, the norms and
@@ -27,7 +27,7 @@ def nonzeros(layer: nn.Module) -> int:
 
 
 def positions(layer: nn.Module, out_shape) -> int:
-    """Output positions per output channel: tokens for a Linear, B*H'*W' for a Conv2d."""
+    """Output positions per output channel: tokens for a Linear, B*L' for a Conv1d, B*H'*W' for a Conv2d."""
     return math.prod(out_shape) // layers.layer_type(layer).out_channels(layer)
 
 
@@ -120,12 +120,14 @@ def counting(model: nn.Module, extra_under: tuple[str, ...] = ()):
 
     def on_weight(name):
         def hook(mod, args, out):
-            _add_weight_layer(fc, name, mod, positions(mod, out.shape))
+            if not _is_fake(out):  # a concrete trace computes shapes with fake tensors: not a forward
+                _add_weight_layer(fc, name, mod, positions(mod, out.shape))
         return hook
 
     def on_norm(name):
         def hook(mod, args, out):
-            fc.extra[name] = fc.extra.get(name, 0) + norm_flops(out.shape)
+            if not _is_fake(out):
+                fc.extra[name] = fc.extra.get(name, 0) + norm_flops(out.shape)
         return hook
 
     prefixes = tuple(p + "." for p in extra_under)
@@ -139,6 +141,10 @@ def counting(model: nn.Module, extra_under: tuple[str, ...] = ()):
     finally:
         for h in handles:
             h.remove()
+
+
+def _is_fake(t) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor)
 
 
 def _add_weight_layer(fc: FlopCount, name: str, mod: nn.Module, pos: int):

@@ -1,5 +1,7 @@
 """`siftc convert`: trace, rewrite, verify, save."""
+import contextlib
 import json
+import sys
 import time
 
 import click
@@ -78,10 +80,11 @@ def convert(model, kind, sparsity, output, keep_dense, no_keep_dense, branch_act
     inputs = (model_file,) if model_file.exists() else ()
     check_output(out, force, want=FORMAT, inputs=inputs)  # fail before any work is done
     t0 = time.perf_counter()
-    gm = siftc.convert(model, kind, sparsity, keep_dense=() if no_keep_dense else (keep_dense or None),
-                       branch_act=branch_act, seed=seed, round_to=round_to, strict=strict,
-                       widen_heads=widen_heads, leaf=leaf,
-                       input_shape=parse_shape(input_shape) if input_shape else None)
+    with contextlib.redirect_stdout(sys.stderr):  # the model file's own prints never mix into --json
+        gm = siftc.convert(model, kind, sparsity, keep_dense=() if no_keep_dense else (keep_dense or None),
+                           branch_act=branch_act, seed=seed, round_to=round_to, strict=strict,
+                           widen_heads=widen_heads, leaf=leaf,
+                           input_shape=parse_shape(input_shape) if input_shape else None)
     siftc.save(gm, out, force=force)
     report = gm.siftc_info.report
     if as_json:

@@ -35,6 +35,21 @@ def print_report(report: dict):
             console.print(f"{r['kind']} {r['name']}: {r['reason']}")
     if "groups" in report:
         _print_groups(console, report)
+    _print_trace(console, report.get("trace"))
+
+
+def _print_trace(console, trace: dict | None):
+    """How the model was traced: the inputs, and what a concrete trace fixed on the example."""
+    if not trace:
+        return
+    shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in zip(trace["inputs"], trace["input_shapes"]))
+    how = {"fx": "torch.fx", "concrete": "concrete shapes (the model decides on shapes)",
+           "given": "a GraphModule, as given"}[trace["how"]]
+    console.print(f"traced with {how}; inputs: {shapes}")
+    for name, value in trace.get("constants", {}).items():
+        console.print(f"  {name} = {value} (its default; not an input of the converted model)")
+    for s in trace.get("specializations", []):
+        console.print(f"  {s['text']}")
 
 
 def _print_groups(console, report: dict):

@@ -57,7 +57,7 @@ def run(gm: torch.fx.GraphModule, cfg: "ConvertConfig", generator: torch.Generat
     grow = lambda size, divs, scale: solve.wide_width(
         size, cfg.sparsity, math.lcm(cfg.round_to // math.gcd(cfg.round_to, scale), *divs))
     new_width = a.widths(grow)
-    width = lambda label: sum(new_width[g] * m for g, m in label)
+    width = lambda label: sum(new_width[g] * m for g, m in a.resolve(label))  # labels may predate a tie
     plans = _plans(gm, a, cfg, width)
     _solve(plans, cfg)
     dense_shapes = {n: node_shape(n) for n in gm.graph.nodes}
