@@ -56,8 +56,13 @@ def _check_batch_norm(model, data, cfg: TrainConfig):
     if not norms or cfg.batch_size // cfg.nproc > 1:
         return
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].numel() // a[0].shape[1]))
-             for n, m in norms.items()]
+
+    def values_per_channel(name):
+        def hook(module, args):  # returns None: the input is left as it is
+            seen[name] = args[0].numel() // args[0].shape[1]
+        return hook
+
+    hooks = [m.register_forward_pre_hook(values_per_channel(n)) for n, m in norms.items()]
     try:
         with torch.no_grad():
             model(data.batch(0, cfg.batch_size, cfg.seed, 0, cfg.nproc)[0])
