@@ -3,8 +3,14 @@
     gm = siftc.convert("examples/resnet.py:resnet18_cifar", kind="wide", sparsity=0.9)
     sched = siftc.sparse.RigL(gm, optimizer, total_steps=10_000)
 """
-from siftc import sparse
-from siftc.api import convert, load, save  # after the submodules: `siftc.convert` is the function
-from siftc.errors import SiftcError
+import warnings
+
+# torch's own deepcopy of a pytree spec (a converted model returning a ModelOutput) warns about its
+# internal LeafSpec deprecation; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+from siftc import sparse  # noqa: E402
+from siftc.api import convert, load, save  # noqa: E402  after the submodules: `siftc.convert` is the function
+from siftc.errors import SiftcError  # noqa: E402
 
 __all__ = ["convert", "load", "save", "sparse", "SiftcError"]

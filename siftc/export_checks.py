@@ -4,8 +4,9 @@
     check_outputs         ONNX Runtime's outputs against PyTorch's, within ATOL + RTOL*|y| elementwise
     check_sparsity        each sparse weight, as stored in the file, is exactly zero off the model's mask
     check_layer_outputs   only when the model's outputs do not vary with its inputs (so a wrong file
-                          would give the same outputs): each sparse layer's output, exposed as an extra
-                          output of the file's own graph, against PyTorch's, relative to its scale
+                          would give the same outputs): each weight layer's output (the sparse ones and
+                          the dense), exposed as an extra output of the file's own graph, against
+                          PyTorch's, relative to its scale
 
 Each raises ExportCheckError naming the file and what is off, or returns what it measured. `check`'s
 result says what was compared and whether that could tell a wrong file from a right one
@@ -16,18 +17,20 @@ import torch
 from torch import nn
 
 from siftc.errors import SiftcError
+from siftc.flops import WEIGHT_LAYERS
 from siftc.source import make_inputs
 
 ATOL = 1e-4        # |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, float32
 RTOL = 1e-3
 DYNAMIC_CHECK_BATCH = 3  # a dynamic-batch export is also run at this batch, to prove the axis is free
-# A sparse layer whose outputs are all below this in magnitude cannot tell a right file from a wrong one:
+# A layer whose outputs are all below this in magnitude cannot tell a right file from a wrong one:
 # float32 nears its subnormal range (1.2e-38), where errors relative to the scale stop meaning anything.
 TINY = 1e-30
 
 
 class ExportCheckError(SiftcError):
-    """An exported file failed a check: invalid ONNX, outputs off, or a weight's zeros not the mask's."""
+    """An exported file failed a check: invalid ONNX, outputs or a layer's output off, or a
+    weight's zeros not the mask's."""
 
 
 def check(path, folded: nn.Module, inputs: tuple, masks: dict, *, atol=ATOL, rtol=RTOL, want=None,
@@ -48,9 +51,9 @@ def check(path, folded: nn.Module, inputs: tuple, masks: dict, *, atol=ATOL, rto
         err = max(err, check_outputs(path, folded, make_inputs(like, other_batch, seed=1), atol, rtol))
     varies, spread = output_spread(folded, like, atol, rtol)
     found = {"outputs_vary": varies, "output_spread": spread, "compared": "outputs", "discriminates": varies}
-    if not varies:  # equal outputs for a wrong file too: look inside, at the sparse layers
-        layers, skipped = check_layer_outputs(model, path, folded, inputs, weights, atol, rtol)
-        found.update(compared="outputs and sparse layer outputs" if layers else "outputs",
+    if not varies:  # equal outputs for a wrong file too: look inside, at the weight layers
+        layers, skipped = check_layer_outputs(model, path, folded, inputs, masks, atol, rtol)
+        found.update(compared="outputs and weight layer outputs" if layers else "outputs",
                      discriminates=any(r["scale"] > TINY for r in layers),
                      layers_compared=layers, layers_not_compared=skipped)
     return {"onnx_checker": "passed", "max_abs_error": err, "atol": atol, "rtol": rtol,
@@ -72,8 +75,14 @@ def output_spread(folded: nn.Module, like: tuple, atol=ATOL, rtol=RTOL) -> tuple
 def reference_outputs(folded: nn.Module, inputs: tuple) -> list[np.ndarray]:
     """The PyTorch model's outputs on `inputs`, as a list of arrays."""
     with torch.no_grad():
-        y = folded(*inputs)
-    return [t.numpy() for t in (y if isinstance(y, (tuple, list)) else (y,))]
+        return flat_outputs(folded(*inputs))
+
+
+def flat_outputs(y) -> list[np.ndarray]:
+    """A model's outputs (a tensor, a tuple, a dict or a HuggingFace ModelOutput) as the list of arrays an
+    ONNX file returns: the tensor leaves in order, None entries dropped, as the exporter flattens them."""
+    from torch.utils import _pytree as pytree
+    return [t.detach().numpy() for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
 
 
 def check_outputs(path, folded: nn.Module, inputs: tuple, atol=ATOL, rtol=RTOL, want=None) -> float:
@@ -102,24 +111,12 @@ def check_sparsity(model, folded: nn.Module, masks: dict, path="model") -> list[
     """Each masked weight as stored in the file: found by its values on the mask (as is or
     transposed, which is how a Linear's weight lands in a MatMul), then required to be exactly zero
     off the mask. Returns one record per sparse layer: name, initializer, shape, nnz, density."""
-    from onnx import numpy_helper
-    inits = {}
-    for t in model.graph.initializer:
-        inits.setdefault(tuple(t.dims), []).append(t)
+    inits = _initializers(model)
     records = []
     for name, mask in masks.items():
         w = folded.get_submodule(name).weight.detach().numpy()
         m = mask.numpy()
-        found = None
-        for cand, cmask in ((w, m), (w.T, m.T)) if w.ndim == 2 else ((w, m),):
-            named = [t for t in inits.get(cand.shape, []) if t.name == f"{name}.weight"]  # the usual case
-            for t in named + inits.get(cand.shape, []):
-                arr = numpy_helper.to_array(t)
-                if np.array_equal(arr[cmask], cand[cmask]):
-                    found = (t.name, arr, cmask)
-                    break
-            if found:
-                break
+        found = _stored_weight(inits, name, w, m)
         if found is None:
             raise ExportCheckError(f"{path}: no initializer stores the weight of sparse layer {name} "
                                    f"(shape {tuple(w.shape)}); the file does not match the model")
@@ -135,33 +132,65 @@ def check_sparsity(model, folded: nn.Module, masks: dict, path="model") -> list[
     return records
 
 
-def check_layer_outputs(model, path, folded: nn.Module, inputs: tuple, weights: list[dict], atol=ATOL,
+def _initializers(model) -> dict:
+    """The file's initializers by shape."""
+    inits = {}
+    for t in model.graph.initializer:
+        inits.setdefault(tuple(t.dims), []).append(t)
+    return inits
+
+
+def _stored_weight(inits: dict, name: str, w: np.ndarray, m: np.ndarray):
+    """(initializer name, stored array, mask as stored) of the initializer holding layer `name`'s weight
+    `w` where mask `m` is True, as is or transposed; None if no initializer does."""
+    from onnx import numpy_helper
+    for cand, cmask in ((w, m), (w.T, m.T)) if w.ndim == 2 else ((w, m),):
+        named = [t for t in inits.get(cand.shape, []) if t.name == f"{name}.weight"]  # the usual case
+        for t in named + inits.get(cand.shape, []):
+            arr = numpy_helper.to_array(t)
+            if np.array_equal(arr[cmask], cand[cmask]):
+                return t.name, arr, cmask
+    return None
+
+
+def check_layer_outputs(model, path, folded: nn.Module, inputs: tuple, masks: dict, atol=ATOL,
                         rtol=RTOL) -> tuple[list[dict], dict]:
-    """Each sparse layer's output in ONNX Runtime against PyTorch's on `inputs`. The values are the
-    outputs of the file's own nodes that consume the layer's weight initializer (`weights`, from
-    check_sparsity), added as extra graph outputs; the file on disk is not changed. A layer's tolerance
-    is ATOL times its largest |y| + RTOL*|y|, so a layer whose activations have shrunk to 1e-20 is
+    """Each weight layer's output (Linear, Conv; sparse or not) in ONNX Runtime against PyTorch's on
+    `inputs`. The values are the outputs of the file's own nodes that consume the layer's weight
+    initializer, added as extra graph outputs; the file on disk is not changed. A layer's tolerance is
+    ATOL times its largest |y| + RTOL*|y|, so a layer whose activations have shrunk to 1e-20 is
     compared as finely as one at 1. Returns (one record per layer compared, {layer: why not compared})."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
-    values, skipped, users = {}, {}, {}
+    from onnx import helper
+    values, skipped, users, inits = {}, {}, {}, _initializers(model)
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-    for rec in weights:
-        value = _layer_value(users, rec["initializer"], folded.get_submodule(rec["name"]).bias is not None)
-        if value is None:
-            skipped[rec["name"]] = f"no single Conv/Gemm/MatMul node computes it from {rec['initializer']}"
+    for name, layer in folded.named_modules():
+        if not isinstance(layer, WEIGHT_LAYERS):
+            continue
+        w = layer.weight.detach().numpy()
+        found = _stored_weight(inits, name, w, masks[name].numpy() if name in masks else np.ones(w.shape, bool))
+        value = found and _layer_value(users, found[0], layer.bias is not None)
+        if not value:
+            skipped[name] = (f"no single Conv/Gemm/MatMul node computes it from {found[0]}" if found else
+                             "no initializer stores its weight as is")
         else:
-            values[rec["name"]] = value
+            values[name] = value
+    found_twice = {v for v in values.values() if list(values.values()).count(v) > 1}
+    for name in [k for k, v in values.items() if v in found_twice]:
+        skipped[name] = "another layer's weight has the same values, so which node is whose is unknown"
+        del values[name]
     want, calls = _layer_outputs(folded, inputs, values)
     for name, n in calls.items():
         if n != 1:
             skipped[name] = f"called {n} times in one forward"
             del values[name]
+    if not values:
+        return [], skipped
     outputs = {o.name for o in model.graph.output}
     for value in set(values.values()) - outputs:
-        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+        model.graph.output.append(helper.make_empty_tensor_value_info(value))  # type and shape: the runtime's
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
     names = list(dict.fromkeys(values.values()))
@@ -177,11 +206,12 @@ def check_layer_outputs(model, path, folded: nn.Module, inputs: tuple, weights: 
         bad = diff > atol * scale + rtol * np.abs(w)
         if bad.any():
             raise ExportCheckError(
-                f"{path}: sparse layer {name}'s output (ONNX value {value}) differs from PyTorch by up to "
-                f"{diff.max():.3g} at {int(bad.sum())} elements (allowed {atol:g}*{scale:.3g} + {rtol:g}*|y|); "
-                f"the model's outputs do not vary with its inputs, so only this per-layer check sees it")
-        records.append({"name": name, "value": value, "max_abs_error": float(diff.max(initial=0.0)),
-                        "scale": scale})
+                f"{path}: {'sparse' if name in masks else 'dense'} layer {name}'s output (ONNX value {value}) "
+                f"differs from PyTorch by up to {diff.max():.3g} at {int(bad.sum())} elements (allowed "
+                f"{atol:g}*{scale:.3g} + {rtol:g}*|y|); the model's outputs do not vary with its inputs, so "
+                f"only this per-layer check sees it")
+        records.append({"name": name, "sparse": name in masks, "value": value,
+                        "max_abs_error": float(diff.max(initial=0.0)), "scale": scale})
     return records, skipped
 
 

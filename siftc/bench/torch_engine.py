@@ -28,9 +28,9 @@ class TorchEngine(Engine):
         torch = self._torch
         if torch.get_num_threads() != self.threads:  # global setting: other code may have changed it
             torch.set_num_threads(self.threads)
+        from siftc.export_checks import flat_outputs
         with torch.inference_mode():
-            y = self._model(*(torch.from_numpy(x) for x in inputs))
-        return [t.numpy() for t in (y if isinstance(y, (tuple, list)) else (y,))]
+            return flat_outputs(self._model(*(torch.from_numpy(x) for x in inputs)))
 
     def details(self):
         return {"version": self._torch.__version__}
