@@ -31,7 +31,7 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
                    source: Source | None = None) -> torch.fx.GraphModule:
     """Convert a copy of `model` (the user's model is left untouched). The converted model takes the
     example's inputs in the graph's placeholder order (also by name)."""
-    model = model if isinstance(model, torch.fx.GraphModule) else copy.deepcopy(model)
+    model = copy.deepcopy(model)
     with flops.counting(model) as dense:  # the dense count rides on trace's shape propagation
         traced = trace(model, example_inputs, cfg.leaf)  # says plainly when the inputs do not fit the model
     gm, example_inputs = traced.gm, traced.inputs
