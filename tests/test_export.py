@@ -74,7 +74,7 @@ def test_every_example_and_kind_exports_checked(tmp_path, spec, kind):
     assert meta["checks"]["sparsity"] == "passed" and meta["checks"]["max_abs_error"] <= ex.ATOL
     # The check could have failed: the outputs vary with the input, or else the sparse layers' were compared.
     assert meta["checks"]["discriminates"]
-    assert meta["checks"]["outputs_vary"] or meta["checks"]["compared"] == "outputs and sparse layer outputs"
+    assert meta["checks"]["outputs_vary"] or meta["checks"]["compared"] == "outputs and weight layer outputs"
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -263,24 +263,28 @@ def _perturb(path, out, initializer, change):
     (Path(str(out) + ".json")).write_text(Path(str(path) + ".json").read_text())  # the same sidecar
 
 
-def test_constant_outputs_compare_the_sparse_layers(tmp_path, dead_head):
+def test_constant_outputs_compare_the_layers(tmp_path, dead_head):
     _, done = dead_head
     c = done.meta["checks"]
     assert not c["outputs_vary"] and c["output_spread"] == 0  # the head is zero: outputs are its bias
-    assert c["compared"] == "outputs and sparse layer outputs" and c["discriminates"]
+    assert c["compared"] == "outputs and weight layer outputs" and c["discriminates"]
     sparse = {layer["name"] for layer in done.meta["layers"] if layer["initializer"]}
-    assert {r["name"] for r in c["layers_compared"]} == sparse and c["layers_not_compared"] == {}
-    assert all(r["scale"] > 0 and r["max_abs_error"] <= ex.ATOL * r["scale"] for r in c["layers_compared"])
+    assert {r["name"] for r in c["layers_compared"] if r["sparse"]} == sparse and len(sparse) == 8
+    assert {r["name"] for r in c["layers_compared"] if not r["sparse"]} == {"0", "6"}  # kept dense: first, head
+    assert c["layers_not_compared"] == {}
+    assert all(r["max_abs_error"] <= ex.ATOL * r["scale"] for r in c["layers_compared"])
+    assert all(r["scale"] > 0 for r in c["layers_compared"] if r["name"] != "6")  # the zero head's output is its bias
     res = CliRunner().invoke(main, ["export", str(done.path.parent / "art"), "-o", str(tmp_path / "m.onnx")])
     assert res.exit_code == 0, res.output
-    assert re.search(r"outputs do not vary with the input \(spread 0\.00e\+00\), so 8 sparse layers' outputs "
-                     r"were compared too", res.output), res.output
+    assert re.search(r"outputs do not vary with the input \(spread 0\.00e\+00\), so 10 weight layers' outputs "
+                     r"\(8 sparse\) were compared too", res.output), res.output
 
 
 @pytest.mark.parametrize("initializer,change,match", [
-    # Neither changes a weight's zeros, so only the comparison of the sparse layers' outputs sees them.
+    # None changes a sparse weight's zeros, so only the comparison of the layers' outputs sees them.
     ("2.branches.0.0.bias", lambda b: b + 0.5, r"sparse layer 2\.branches\.0\.0's output .* differs"),
     ("0.weight", lambda w: w * 1.5, r"sparse layer 2\.branches\.0\.0's output .* differs"),  # dense, upstream
+    ("0.bias", lambda b: b + 0.5, r"dense layer 0's output .* differs"),
     ("4.branches.1.0.weight", lambda w: w * 1.5, r"no initializer stores the weight of sparse layer 4\.branches\.1\.0"),
 ])
 def test_a_wrong_file_of_a_constant_output_model_is_caught(tmp_path, dead_head, initializer, change, match):
@@ -294,28 +298,48 @@ def test_a_wrong_file_of_a_constant_output_model_is_caught(tmp_path, dead_head, 
         ex.verify(wrong)
 
 
-def test_a_dense_constant_output_model_says_the_check_could_not_discriminate(tmp_path, dead_head):
-    model_py, _ = dead_head
-    res = CliRunner().invoke(main, ["export", str(model_py), "-o", str(tmp_path / "d.onnx")])
+ZERO = '''
+import torch
+from torch import nn
+
+
+def build():
+    """One Linear with zero weight and bias: every output is exactly 0, whatever the file holds."""
+    net = nn.Sequential(nn.Linear(8, 4))
+    nn.init.zeros_(net[0].weight), nn.init.zeros_(net[0].bias)
+    return net
+
+
+def example_inputs():
+    return (torch.randn(1, 8),)
+'''
+
+
+def test_a_check_that_cannot_discriminate_says_so(tmp_path):
+    (tmp_path / "zero.py").write_text(ZERO)
+    res = CliRunner().invoke(main, ["export", f"{tmp_path / 'zero.py'}:build", "--batch", "2",
+                                    "-o", str(tmp_path / "z.onnx")])
     assert res.exit_code == 0, res.output
-    c = read_sidecar(tmp_path / "d.onnx")["checks"]
-    assert c["compared"] == "outputs" and not c["discriminates"] and c["layers_compared"] == []
-    assert "warning: the check could not discriminate: the outputs do not vary with the input" in res.output
-    assert "the model has no sparse layers" in res.output
+    c = read_sidecar(tmp_path / "z.onnx")["checks"]
+    assert c["compared"] == "outputs and weight layer outputs" and not c["discriminates"]
+    assert [(r["name"], r["scale"]) for r in c["layers_compared"]] == [("0", 0.0)]
+    assert "warning: the check could not discriminate: the outputs do not vary with the input (spread " \
+           "0.00e+00), and no weight layer's output could stand in (1 with outputs ~0)" in res.output
 
 
 def test_mobilenetv2_factorized_wrong_file_is_caught(tmp_path):
     # Its activations vanish at random init (outputs ~1e-22): the file's outputs are compared and so are
-    # its sparse layers', each relative to its own scale.
+    # its layers', each relative to its own scale.
     gm = siftc.convert(spec_path("examples/mobilenetv2.py:mobilenetv2"), kind="factorized", sparsity=0.5)
     done = ex.export(gm, tmp_path / "m.onnx", batch=2)
     c = done.meta["checks"]
-    assert not c["outputs_vary"] and c["compared"] == "outputs and sparse layer outputs" and c["discriminates"]
-    assert len(c["layers_compared"]) == sum(hasattr(m, "mask") for m in gm.modules())
+    assert not c["outputs_vary"] and c["compared"] == "outputs and weight layer outputs" and c["discriminates"]
+    assert sum(r["sparse"] for r in c["layers_compared"]) == sum(hasattr(m, "mask") for m in gm.modules()) == 40
     folded, masks = ex.fold(gm)
     wrong = tmp_path / "wrong.onnx"
-    _perturb(done.path, wrong, "stem.0.weight", lambda w: w * 1.5)  # the dense stem conv, before every sparse layer
+    _perturb(done.path, wrong, "blocks.0.depthwise.0.weight", lambda w: w * 1.5)  # dense, before sparse ones
     x = make_inputs(gm.siftc_info.example_inputs, 2)
+    assert export_checks.check_outputs(wrong, folded, x) < ex.ATOL  # the outputs alone cannot tell
     with pytest.raises(ex.ExportCheckError, match=r"sparse layer blocks\.0\.project\.0\.u's output"):
         export_checks.check(wrong, folded, x, masks, example_inputs=gm.siftc_info.example_inputs)
     assert export_checks.check(done.path, folded, x, masks, example_inputs=gm.siftc_info.example_inputs)["discriminates"]

@@ -27,7 +27,7 @@ def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force):
     BatchNorm is left for the engine to fold. The file is reported done only after the onnx checker,
     ONNX Runtime against PyTorch (|d| <= 1e-4 + 1e-3*|y|) and each weight's zeros against its mask.
     When the model's outputs do not vary with its input (activations that vanish at random init), a
-    wrong file would give the same outputs: each sparse layer's output is compared too, or the output
+    wrong file would give the same outputs: each weight layer's output is compared too, or the output
     says the check could not discriminate.
 
     \b
@@ -65,9 +65,13 @@ def compared(c: dict) -> str:
     still = f"the outputs do not vary with the input (spread {c['output_spread']:.2e})"
     if not c["discriminates"]:
         dead = len(c["layers_compared"]) - len(layers)
-        why = [f"{k}: {v}" for k, v in c["layers_not_compared"].items()] + ([f"{dead} output ~0"] if dead else [])
-        return (f"warning: the check could not discriminate: {still}, and no sparse layer's output could "
-                f"stand in ({'; '.join(why) or 'the model has no sparse layers'}); a wrong file would pass it")
+        why = [f"{k}: {v}" for k, v in c["layers_not_compared"].items()] + ([f"{dead} with outputs ~0"] if dead else [])
+        why = why[:3] + ([f"{len(why) - 3} more in the sidecar"] if len(why) > 3 else [])  # one line
+        return (f"warning: the check could not discriminate: {still}, and no weight layer's output could "
+                f"stand in ({'; '.join(why) or 'the model has none'}); a wrong file would pass it")
     worst = max(r["max_abs_error"] / r["scale"] for r in layers)
-    return (f"compared: {still}, so {len(layers)} sparse layers' outputs were compared too "
-            f"(max |d| {worst:.2e} of each layer's largest |y|)")
+    sparse = sum(r["sparse"] for r in layers)
+    skipped = len(c["layers_not_compared"]) + len(c["layers_compared"]) - len(layers)
+    return (f"compared: {still}, so {len(layers)} weight layers' outputs ({sparse} sparse) were compared too "
+            f"(max |d| {worst:.2e} of each layer's largest |y|)"
+            + (f"; {skipped} could not be (the sidecar's checks say why)" if skipped else ""))
