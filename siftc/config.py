@@ -2,8 +2,10 @@
 from dataclasses import dataclass
 
 from siftc.errors import UsageError
+from siftc.nn.blocks import ACTIVATIONS
+from siftc.passes import KINDS
 
-BRANCH_ACTS = ("relu", "gelu", "identity")
+BRANCH_ACTS = tuple(ACTIVATIONS)  # the non-linearities g a branch can use
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,6 @@ class ConvertConfig:
     leaf: tuple[str, ...] = ()
 
     def __post_init__(self):
-        # The kinds are the keys of the registry that runs them. Imported here, not at the top: the passes
-        # import this module (for the ConvertConfig annotation).
-        from siftc.passes import KINDS
         if self.kind not in KINDS:
             raise UsageError(f"unknown kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:

@@ -37,7 +37,7 @@ from siftc.store import read_sidecar, sidecar_path
 # 17: LayerNorm is one op, SDPA exports (>= 14); DeepSparse 1.8 and ORT both run it. See the README's
 # export-settings table for the opsets measured.
 DEFAULT_OPSET = 17
-# DESIGN section 6's floor. A model with scaled_dot_product_attention (the GPT example) needs >= 14: below,
+# The floor of docs/design.md section 1.3. A model with scaled_dot_product_attention (the GPT example) needs >= 14: below,
 # the exporter fails with ExportCheckError naming the op and the opset.
 MIN_OPSET = 11
 

@@ -1,4 +1,4 @@
-"""Iso-FLOP shapes and non-zero counts (DESIGN.md section 2).
+"""Iso-FLOP shapes and non-zero counts (docs/design.md section 2).
 
 For a layer with D_in inputs and D_out outputs (a conv counts D_in = C_in*kh*kw), dense FLOPs are
 proportional to its weight count B = D_in*D_out. Every transformation keeps the output positions of the
@@ -74,7 +74,7 @@ def doped(d_in: int, d_out: int, s: float) -> Shape:
 SOLVERS = {"parallel": parallel, "factorized": factorized, "doped": doped}
 
 
-# ---- Sparse Wide (DESIGN.md section 3) --------------------------------------------------------
+# ---- Sparse Wide (docs/design.md section 2.3) ----------------------------------------------------
 def wide_k(s: float) -> float:
     """The widening factor: k^2 x the weights at density 1/k^2 keeps the FLOPs (k = 1 at s = 0)."""
     return math.sqrt(1 / (1 - s))

@@ -132,7 +132,7 @@ def _concrete(model, inputs: dict, is_leaf) -> Traced:
     try:
         gm, guards = concrete_trace(model, inputs, is_leaf)
     except DataDependent as e:
-        raise TraceError(f"{type(model).__name__}: {e.what} at {e.where}, which no trace can follow; keep "
+        raise TraceError(f"cannot trace {type(model).__name__}: {e.what} at {e.where}, which no trace can follow; keep "
                          f"the module that does it opaque with --leaf {e.module or 'MODULE_PATH'!r} "
                          f"(siftc leaves it dense), or write it with tensor ops (torch.where)") from e
     except UsageError:

@@ -11,7 +11,7 @@ class LayerRecord:
     new_shape: str = ""        # what replaced it, e.g. "4 x [64, 64, 3, 3]"
     structure: dict = field(default_factory=dict)   # {"branches": N} or {"rank": d} or {"width": ...}
     density: float = 1.0       # non-zeros / weights over the layer's sparse parts
-    search_space: int = 0      # weights a sparse trainer can explore (DESIGN.md section 2)
+    search_space: int = 0      # weights a sparse trainer can explore (docs/design.md section 2)
     reason: str = ""           # why a layer was kept dense or skipped
     dense_flops: int = 0       # the dense layer's weight FLOPs (`siftc.flops`), at its output positions
     flops: int = 0             # what replaced it, at the same positions
