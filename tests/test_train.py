@@ -169,6 +169,24 @@ def test_checkpoint_from_another_run_and_resume_misuse(work, tmp_path):
     assert r.exit_code == 2 and "--force" in r.output
 
 
+def test_checkpoint_is_checked_and_metrics_are_never_padded(work, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", work / "clf", "--data", work / "data.npz", "--steps", 10, "--batch-size", 8,
+               "--backend", "torch", "-o", run, "--quiet").exit_code == 0
+    good = (run / "checkpoint.pt").read_bytes()
+    (run / "metrics.jsonl").unlink()  # lost: resume keeps going, and writes no NUL bytes
+    r = cli("train", "--resume", run, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert b"\0" not in (run / "metrics.jsonl").read_bytes()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    w = next(k for k, t in state["model"].items() if t.is_floating_point())
+    state["model"][w].view(-1)[0] += 1e-2  # one weight off, the checksum kept
+    torch.save(state, run / "checkpoint.pt")
+    r = cli("train", "--resume", run, "--quiet")
+    assert r.exit_code == 2 and "does not match its checksum" in r.stderr, r.output
+    (run / "checkpoint.pt").write_bytes(good)
+
+
 def test_sigkill_and_resume_equals_uninterrupted(work, tmp_path):
     args = dict(method="rigl", steps=500, batch_size=16, update_every=60, checkpoint_every=50,
                 seed=3, backend="torch", threads=1)

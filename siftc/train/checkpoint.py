@@ -7,7 +7,8 @@
     RUN/loss.png, RUN/summary.json, RUN/model/  written at the end (model/ is a siftc artifact)
 
 A checkpoint is written to a temporary file, fsync'ed and renamed over the old one (siftc.store), so a
-kill at any moment leaves either the old or the new checkpoint, never half of one. It is read back with
+kill at any moment leaves either the old or the new checkpoint, never half of one; metrics.jsonl is
+fsync'ed just before. The checkpoint carries a sha256 over its contents, checked when it is read. It is read back with
 `torch.load(weights_only=True)`: tensors and plain data, no pickled code.
 """
 import hashlib
@@ -60,9 +61,30 @@ def read_run(run) -> dict:
     return info
 
 
+def digest(obj, h=None) -> str:
+    """sha256 over a checkpoint's contents: every tensor's dtype, shape and bytes, every key and value,
+    in order, so a flipped bit anywhere is noticed."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            digest(v, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+
 def save(run: Path, state: dict):
-    """Write RUN/checkpoint.pt atomically."""
+    """Write RUN/checkpoint.pt atomically, with a checksum over its contents."""
     state = {"format": CKPT_FORMAT, "version": VERSION, **state}
+    state["sha256"] = digest(state)
     write_file(run / "checkpoint.pt", lambda f: torch.save(state, f))
 
 
@@ -82,10 +104,13 @@ def load(run: Path, run_id: str) -> dict | None:
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("version") != VERSION:
         raise UsageError(f"{path} is not a siftc checkpoint of version {VERSION}; delete it to restart "
                          f"the run from step 0")
-    missing = [k for k in KEYS if k not in state]
+    missing = [k for k in (*KEYS, "sha256") if k not in state]
     if missing:
         raise UsageError(f"{path} lacks {missing[0]!r}: truncated or written by another tool; delete it "
                          f"to restart the run from step 0")
+    if digest({k: v for k, v in state.items() if k != "sha256"}) != state["sha256"]:
+        raise UsageError(f"{path} does not match its checksum: corrupt; delete it to restart the run from "
+                         f"step 0")
     if state.get("run_id") != run_id:
         raise UsageError(f"{path} belongs to another run (run id {state.get('run_id')}, this run is "
                          f"{run_id}); resume the run it came from, or delete it to restart from step 0")

@@ -10,6 +10,7 @@ The library never prints: pass `progress`, a callable taking event dicts ({"even
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def prepare(cfg: TrainConfig):
     info = model.siftc_info
     model.eval()
     with torch.no_grad():
-        out = model(*info.example_inputs)
+        out = logits_of(model(*info.example_inputs))
     data = data_mod.load(cfg.data, info.example_inputs, tuple(out.shape))
     if cfg.batch_size > data.train_items:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {data.train_items} training "
@@ -77,10 +78,11 @@ def _check_batch_norm(model, data, cfg: TrainConfig):
 
 
 def start(cfg: TrainConfig, force: bool = False) -> dict:
-    """Fill RUN/ (created, or a run being replaced, and locked by the caller) with a new run.json,
+    """Fill RUN/ (new, or a run being replaced; `train` has checked and locked it) with a new run.json,
     after removing what an earlier run left there."""
     out = Path(cfg.out)
     with os_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
         for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.png", "run.json"):
             (out / stale).unlink(missing_ok=True)
         model = out / "model"
@@ -129,7 +131,7 @@ def train(cfg: TrainConfig, progress=None, force: bool = False, resume: bool = F
         else:
             check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))
             with os_errors(out):
-                out.mkdir(parents=True, exist_ok=True)
+                out.mkdir(parents=True, exist_ok=True)  # to hold the lock; start() fills it
             stack.enter_context(run_lock(out))
             info = start(cfg, force)
         if cfg.nproc > 1:
@@ -175,7 +177,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     for step in range(step0, steps):
         model.train()
         x, y = data.batch(step, cfg.batch_size, cfg.seed, rank, world)
-        loss = _loss(net(x), y)
+        loss = _loss(logits_of(net(x)), y)
         value = loss.item()
         if not _finite_everywhere(value, world):
             raise _diverged(cfg, step + 1, f"the loss is {value}", kept)
@@ -231,6 +233,21 @@ def _diverged(cfg: TrainConfig, step: int, what: str, kept: int | None) -> Usage
                       f"or check the data, and start a new run")
 
 
+def logits_of(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a HuggingFace ModelOutput's `.logits`, or the
+    first tensor of a tuple (nanoGPT's `(logits, loss)`)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    from torch.utils import _pytree as pytree
+    found = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not found:
+        raise UsageError(f"the model returns {type(out).__name__} with no tensor; siftc train needs logits")
+    return found[0]
+
+
 def _loss(logits, y):
     if logits.dim() == 3:  # (B, T, V) next-byte logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -244,7 +261,7 @@ def evaluate(model, data, batch: int = 256) -> dict:
     model.eval()
     total, correct, count = 0.0, 0, 0
     for i in range(0, len(data.val_x), batch):
-        logits, y = model(data.val_x[i:i + batch]), data.val_y[i:i + batch]
+        logits, y = logits_of(model(data.val_x[i:i + batch])), data.val_y[i:i + batch]
         flat, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         total += F.cross_entropy(flat, target, reduction="sum").item()
         correct += int((flat.argmax(-1) == target).sum())
@@ -254,19 +271,28 @@ def evaluate(model, data, batch: int = 256) -> dict:
 
 
 class _Metrics:
-    """metrics.jsonl, cut back to where the checkpoint was taken when a run resumes."""
+    """metrics.jsonl, cut back to where the checkpoint was taken when a run resumes. A file shorter
+    than that (lost, or cut by hand) keeps its complete lines and is never padded."""
 
     def __init__(self, path: Path, offset: int):
         self.path = path
         with os_errors(path):
-            with open(path, "ab") as f:
-                f.truncate(offset)
+            with open(path, "a+b") as f:
+                f.seek(0)
+                kept = f.read(offset)
+                f.truncate(kept.rfind(b"\n") + 1 if len(kept) < offset else offset)
             self.f = open(path, "a")
 
     def write(self, record: dict):
         with os_errors(self.path):
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
+
+    def sync(self):
+        """On disk before the checkpoint that records how far it got."""
+        with os_errors(self.path):
+            self.f.flush()
+            os.fsync(self.f.fileno())
 
     def tell(self) -> int:
         return self.f.tell()
@@ -280,6 +306,7 @@ def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world,
     else:
         states = [rng]
     if lead:
+        log.sync()
         checkpoint.save(out, {"run_id": run_id, "step": step, "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                               "rng": states, "metrics_offset": log.tell(), "elapsed": elapsed})
@@ -350,7 +377,8 @@ def plot_losses(records: list, path: Path, title: str = ""):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    if train or val:  # a resumed run whose metrics.jsonl was lost has nothing to label
+        ax.legend()
     fig.tight_layout()
     write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
