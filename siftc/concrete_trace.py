@@ -194,7 +194,7 @@ class ConcreteAttribute(ConcreteProxy, torch.fx.proxy.Attribute):
 class ConcreteTracer(torch.fx.Tracer):
     """fx tracer whose proxies carry fake values with symbolic sizes (see the module docstring)."""
 
-    def __init__(self, inputs: dict, is_leaf=None, symbolic: bool = True):
+    def __init__(self, inputs: dict, is_leaf=None, symbolic: bool = True, example: dict | None = None):
         super().__init__(autowrap_functions=())
         self.proxy_buffer_attributes = True  # a buffer sliced by a size (`bias[:, :, :T, :T]`) stays in the graph
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -215,7 +215,7 @@ class ConcreteTracer(torch.fx.Tracer):
                 self.inputs[name] = fake
             else:
                 self.inputs[name] = t
-        self.example = inputs
+        self.example = example or inputs  # the sizes specialisations report (the user's, when inflated)
         self.specializations: list[Specialization] = []
         self.flags: list = []   # (module, its own training bool), restored after the trace
         self.training_scopes: set = set()  # module paths whose forward branched on self.training
@@ -477,18 +477,36 @@ def _eval_for_value(root: nn.Module, target: str | None):
 
 # ---- entry point ------------------------------------------------------------------------------
 def concrete_trace(model: nn.Module, inputs: dict, is_leaf=None) -> tuple[torch.fx.GraphModule, Guards]:
-    """Trace `model` called as `model(**inputs)`; returns the module-level GraphModule and its Guards."""
+    """Trace `model` called as `model(**inputs)`; returns the module-level GraphModule and its Guards.
+
+    torch's shape analysis treats a size of 1 as a constant, so an example batch of 1 would hide every
+    decision on the batch. The trace therefore runs with such dims at 2 (the values are fake anyway);
+    when every guard it recorded also holds at the example's own sizes, each decision came out as it
+    would have there, and that graph is kept. Otherwise the trace runs again at the example's sizes,
+    and any dim of 1 the model decided on is probed."""
+    inflated = {n: torch.zeros([2 if d == 1 else d for d in t.shape], dtype=t.dtype)
+                if isinstance(t, torch.Tensor) and 1 in t.shape else t for n, t in inputs.items()}
+    if any(inflated[n] is not inputs[n] for n in inputs):
+        gm, tracer = _trace_once(model, inflated, is_leaf, example=inputs)
+        guards = _guards(model, inputs, gm, tracer)
+        sizes = {sym: inputs[n].shape[d] for sym, (n, d) in guards.symbols.items()}
+        if all(_holds(sp.guard, sizes) for sp in guards.specializations if sp.guard):
+            return gm, guards
     gm, tracer = _trace_once(model, inputs, is_leaf)
-    names = names_of(gm)
-    guards = Guards(names, {n: inputs[n].dim() for n in names}, {n: str(inputs[n].dtype) for n in names},
-                    dict(tracer.symbols), _dedupe(tracer.specializations), _defaults(model, inputs))
+    guards = _guards(model, inputs, gm, tracer)
     if tracer.decisions:
         _probe_unit_dims(model, inputs, is_leaf, gm, guards)
     return gm, guards
 
 
-def _trace_once(model, inputs, is_leaf):
-    tracer = ConcreteTracer(inputs, is_leaf)
+def _guards(model, inputs, gm, tracer) -> Guards:
+    names = names_of(gm)
+    return Guards(names, {n: inputs[n].dim() for n in names}, {n: str(inputs[n].dtype) for n in names},
+                  dict(tracer.symbols), _dedupe(tracer.specializations), _defaults(model, inputs))
+
+
+def _trace_once(model, inputs, is_leaf, example=None):
+    tracer = ConcreteTracer(inputs, is_leaf, example=example)
     log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing op's traceback itself
     level = log.level
     log.setLevel(logging.CRITICAL)
