@@ -11,10 +11,12 @@ class's MRO, so a subclass of nn.Linear is a Linear) instead of testing classes 
 
 A depthwise conv (groups == C_in > 1) is a case of Conv: its outputs and groups follow its inputs, so
 it has no "out" width of its own. Layers siftc finds but does not transform (Conv3d, ConvTranspose2d)
-have an entry too, which says so.
+have an entry too, which says so. Layers of optional packages (HF transformers' GPT-2 `Conv1D`) are keyed
+by their qualified class name, so siftc never imports the package to know them.
 """
 import math
 
+import torch
 from torch import nn
 
 from siftc.nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
@@ -57,22 +59,62 @@ class Linear(LayerType):
         return m.in_features, m.out_features
 
     def out_channels(self, m) -> int:
-        return m.out_features
+        return self.fan_in_out(m)[1]
 
     def weight_shape(self, m, new: dict) -> list[int]:
         return [new["out"], new["in"]]
 
     def dense_copy(self, m, d_in=None, d_out=None, bias=None, pointwise=False) -> nn.Module:
         """A plain layer like `m` with other widths, initialised by its own init."""
-        return nn.Linear(d_in or m.in_features, d_out or m.out_features, bias=_bias(m, bias))
+        d_in_, d_out_ = self.fan_in_out(m)
+        return nn.Linear(d_in or d_in_, d_out or d_out_, bias=_bias(m, bias))
 
     def widened(self, m, new: dict) -> nn.Module:
         return self.dense_copy(m, new.get("in"), new.get("out"))
 
     def sparse_copy(self, m, nnz: int, generator, d_in=None, d_out=None, bias=None, pointwise=False):
         """A sparse layer like `m` (other widths, or a 1x1 kernel for a conv) with `nnz` non-zeros."""
-        return SparseLinear(d_in or m.in_features, d_out or m.out_features, bias=_bias(m, bias), nnz=nnz,
-                            generator=generator)
+        d_in_, d_out_ = self.fan_in_out(m)
+        return SparseLinear(d_in or d_in_, d_out or d_out_, bias=_bias(m, bias), nnz=nnz, generator=generator)
+
+    def torch_state(self, m) -> dict:
+        """`m`'s weights in the layout of its `sparse_copy` at the same shape (to keep them under a mask)."""
+        return m.state_dict()
+
+
+class TransposedLinear(Linear):
+    """HF transformers' `Conv1D` (GPT-2, GPT): y = x W + b with W stored (in, out); `nx` in, `nf` out.
+    Widened, it stays a Conv1D (its own init: W ~ N(0, 0.02), zero bias); its sparse copy and the plain
+    copies inside a block are SparseLinear / nn.Linear (weight (out, in)) drawn the same way."""
+    sides = ("in", "out")
+    STD = 0.02
+
+    def fan_in_out(self, m) -> tuple[int, int]:
+        return m.nx, m.nf
+
+    def weight_shape(self, m, new: dict) -> list[int]:
+        return [new["in"], new["out"]]
+
+    def widened(self, m, new: dict) -> nn.Module:
+        return type(m)(new.get("out") or m.nf, new.get("in") or m.nx)  # Conv1D(nf, nx)
+
+    def dense_copy(self, m, d_in=None, d_out=None, bias=None, pointwise=False) -> nn.Module:
+        return self._init(super().dense_copy(m, d_in, d_out, bias))
+
+    def sparse_copy(self, m, nnz, generator, d_in=None, d_out=None, bias=None, pointwise=False):
+        return self._init(super().sparse_copy(m, nnz, generator, d_in, d_out, bias))
+
+    @torch.no_grad()
+    def _init(self, layer):
+        """Conv1D's init on a torch-layout layer, inside its mask if it has one."""
+        mask = getattr(layer, "mask", torch.ones_like(layer.weight, dtype=torch.bool))
+        layer.weight.zero_().masked_scatter_(mask, torch.empty(int(mask.sum())).normal_(0, self.STD))
+        if layer.bias is not None:
+            layer.bias.zero_()
+        return layer
+
+    def torch_state(self, m) -> dict:
+        return {"weight": m.weight.t(), **({"bias": m.bias} if m.bias is not None else {})}
 
 
 class Conv(Linear):
@@ -155,7 +197,9 @@ DENSE_TYPES = {
 }
 # The sparse replacements are their dense twins to everyone who asks (fan-in, positions, shapes).
 LAYER_TYPES = {**DENSE_TYPES, SparseLinear: DENSE_TYPES[nn.Linear], SparseConv2d: DENSE_TYPES[nn.Conv2d],
-               SparseConv1d: DENSE_TYPES[nn.Conv1d]}
+               SparseConv1d: DENSE_TYPES[nn.Conv1d],
+               # optional packages, by qualified class name (see `lookup`): known without importing them
+               "transformers.pytorch_utils.Conv1D": TransposedLinear()}
 
 
 def layer_type(m: nn.Module) -> LayerType | None:
@@ -164,9 +208,11 @@ def layer_type(m: nn.Module) -> LayerType | None:
 
 
 def lookup(table: dict, m: nn.Module):
+    """The entry of the nearest class in `m`'s MRO, keyed by the class or by its qualified name."""
     for cls in type(m).__mro__:
-        if cls in table:
-            return table[cls]
+        entry = table.get(cls) or table.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is not None:
+            return entry
     return None
 
 

@@ -139,6 +139,10 @@ class Analysis:
         ea, eb = self.resolve(a), self.resolve(b)
         if ea == eb:
             return
+        if self.size(ea) != self.size(eb):  # not one dimension after all: neither may change
+            self.fix(a, why)
+            self.fix(b, why)
+            return
         if len(ea) == len(eb) and all(m == n for (_, m), (_, n) in zip(ea, eb)):
             for (g, _), (h, _) in zip(ea, eb):
                 self._union(g, h)

@@ -9,7 +9,7 @@ is what Sparse Wide rebuilds it from.
 import torch.fx
 from torch import nn
 
-from siftc.layers import channel_multiplier, depthwise
+from siftc.layers import channel_multiplier, depthwise, layer_type
 from siftc.passes.tensor_rules import keep_dims, no_rule, node_arg
 
 
@@ -20,9 +20,10 @@ def _out(a, node, size):
 
 
 def linear(a, node):
+    """nn.Linear and any layer the table says is one (HF's Conv1D): over the last dim."""
     mod = a.gm.get_submodule(node.target)
     xd = a.dims(node.args[0])
-    out = _out(a, node, mod.out_features)
+    out = _out(a, node, layer_type(mod).out_channels(mod))
     a.use(node.target, **{"in": xd[-1], "out": out})
     return xd[:-1] + (out,)
 

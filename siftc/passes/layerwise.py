@@ -36,8 +36,9 @@ def _describe(kind: str, dense: nn.Module, shape: solve.Shape) -> tuple[str, dic
 
 def _same_as_dense(dense: nn.Module, generator) -> nn.Module:
     """The degenerate structure (parallel N=1, doped rank 0): the dense layer itself, weights kept."""
-    layer = layer_type(dense).sparse_copy(dense, dense.weight.numel(), generator)
-    layer.load_state_dict(dense.state_dict(), strict=False)
+    t = layer_type(dense)
+    layer = t.sparse_copy(dense, dense.weight.numel(), generator)
+    layer.load_state_dict(t.torch_state(dense), strict=False)
     return layer
 
 

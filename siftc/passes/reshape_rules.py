@@ -7,8 +7,10 @@ become one are a flatten (channels x spatial size).
     torch.flatten(x, 1)                 (B, C, H, W) -> (B, C*H*W): label ((g_C, H*W),)
 """
 import math
+import operator
 
 import torch
+import torch.fx
 
 HEADS = "attention heads keep their width heads x head_dim (pass --widen-heads to widen them)"
 
@@ -18,8 +20,15 @@ def flatten(a, node):
 
 
 def view(a, node):
-    """view / reshape: the size arguments are rewritten to the new widths, so they must be plain."""
+    """view / reshape: the size arguments are rewritten to the new widths, so they must be plain. A
+    shape built as one tuple (`(-1,) + x.shape[1:] + (h.size(-1),)`, as HF writes it) is spelled out
+    first, one argument per dim."""
     shape = node.args[1:] if node.target != torch.reshape else node.args[1:2]
+    if len(shape) == 1 and isinstance(shape[0], torch.fx.Node) and len(a.shape(node)) > 1:
+        elements = _elements(shape[0])
+        if elements is not None:
+            node.args = (node.args[0], *_spell(node, elements))
+            shape = node.args[1:]
     if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
         shape = shape[0]
     plain = not node.kwargs and all(isinstance(s, int) or not isinstance(a.dims(s), (tuple, list))
@@ -29,6 +38,43 @@ def view(a, node):
         for label in a.dims(node.args[0]) + dims:
             a.fix(label, f"{node.name} reshapes to a computed shape")
     return dims
+
+
+def _elements(arg):
+    """The items of a shape tuple computed in the graph, as ints, scalar size nodes and (shape node, i)
+    for an item of a whole shape (`x.size()`, `x.shape`); None if it is built another way."""
+    if isinstance(arg, (tuple, list)):
+        return list(arg)
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    if arg.op == "call_function" and arg.target is operator.add:
+        left, right = (_elements(x) for x in arg.args)
+        return None if left is None or right is None else left + right
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[1], slice):
+        items = _elements(arg.args[0])
+        return None if items is None else items[arg.args[1]]
+    rank = _whole_shape_rank(arg)
+    return None if rank is None else [(arg, i) for i in range(rank)]
+
+
+def _whole_shape_rank(arg):
+    """The rank of the tensor whose whole shape `arg` is, or None."""
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 1 or \
+            arg.op == "call_function" and arg.target is getattr and arg.args[1] == "shape":
+        meta = arg.args[0].meta.get("tensor_meta")
+        return len(meta.shape) if hasattr(meta, "shape") else None
+    return None
+
+
+def _spell(node, elements):
+    """The shape's items as view arguments: an item of a whole shape becomes its own getitem node."""
+    out = []
+    for e in elements:
+        if isinstance(e, tuple):
+            with node.graph.inserting_before(node):
+                e = node.graph.call_function(operator.getitem, e)
+        out.append(e)
+    return out
 
 
 def _regroup(a, node, rewrite: bool):

@@ -6,7 +6,10 @@ and a node whose inputs are labelled, and returns the labels of the node's outpu
     h = a(x) + b(x)        broadcast: a's out group and b's out group become one group
     h = cat([a(x), b(x)])  cat: h's channel label is a's pieces then b's, ((g_a, 1), (g_b, 1))
 """
+import operator
+
 import torch
+import torch.fx
 
 
 def node_arg(node, i, name, default=None):
@@ -71,8 +74,10 @@ def output(a, node):
 
 
 def param(a, node):
-    """A parameter or buffer used directly: its dimensions follow whatever they meet."""
-    dims = tuple(a.fresh(s) for s in a.shape(node))
+    """A parameter or buffer used directly: its dimensions follow whatever they meet (an empty one, a
+    key/value cache before its first step, has no values to resize)."""
+    empty = 0 in a.shape(node)
+    dims = tuple(a.fresh(s, "empty tensor" if empty else None, structural=empty) for s in a.shape(node))
     a.use(node.target, **{f"dim{i}": l for i, l in enumerate(dims)})
     return dims
 
@@ -101,7 +106,10 @@ def broadcast(a, node):
 
 
 def cat(a, node):
+    """Dims other than `dim` are tied; along `dim` the pieces are laid side by side. A 1-D empty tensor
+    is skipped, as torch.cat skips it (an empty key/value cache before its first step)."""
     xs, d = node.args[0], node_arg(node, 1, "dim", 0)
+    xs = [x for x in xs if tuple(a.shape(x)) != (0,)] or xs
     dims = [a.dims(x) for x in xs]
     d = positive_dim(d, len(dims[0]))
     for i in range(len(dims[0])):
@@ -110,6 +118,40 @@ def cat(a, node):
                 a.tie(dims[0][i], other[i], f"{node.name} concatenates tensors of different widths")
     stacked = tuple(p for dd in dims for p in dd[d])  # the pieces side by side
     return dims[0][:d] + (stacked,) + dims[0][d + 1:]
+
+
+def expand(a, node):
+    """x.expand(*sizes): aligned from the right, a dim that keeps its size keeps its label; a size-1 dim
+    grown to n (grouped-query attention's repeat_kv, a broadcast table) gets n from the arguments, so
+    it is not a width. The size arguments are rewritten with the widths, like a view's."""
+    xd, xs, outs = a.dims(node.args[0]), a.shape(node.args[0]), a.shape(node)
+    sizes = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+    lead = len(outs) - len(xs)
+    out = []
+    for j, o in enumerate(outs):
+        if j >= lead and xs[j - lead] == o:
+            out.append(xd[j - lead])
+        else:  # a new or grown dim: the size read from another tensor is that tensor's dim
+            out.append(size_label(a, sizes[j]) or a.fresh(o, f"size set by {node.name}", structural=True))
+    a.rewrites.append((node, "shape"))
+    return tuple(out)
+
+
+def size_label(a, arg):
+    """The label of the tensor dim a size argument reads (`x.size(0)`, `x.shape[0]`), or None."""
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2 and isinstance(arg.args[1], int):
+        dims = a.dims(arg.args[0])
+        return dims[arg.args[1]] if isinstance(dims, tuple) else None
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[1], int):
+        shape = arg.args[0]
+        whole = isinstance(shape, torch.fx.Node) and (
+            shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1 or
+            shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape")
+        dims = a.dims(shape.args[0]) if whole else None
+        return dims[arg.args[1]] if isinstance(dims, tuple) else None
+    return None
 
 
 def stack(a, node):
@@ -151,14 +193,21 @@ def permute(a, node):
     return tuple(xd[positive_dim(i, len(xd))] for i in order)
 
 
+def _int_list(i) -> bool:
+    return isinstance(i, list) and all(isinstance(j, int) for j in i)
+
+
 def getitem(a, node):
+    """x[idx]: `:` keeps a dim, None adds one; an int, a slice or one list of ints (`h[:, [-1], :]`)
+    picks positions along a dim, which fixes it if it is a width. Tensor indexes have no rule."""
     src, idx = node.args
     dims = a.dims(src)
     if isinstance(dims, list):  # one output of split / chunk
         return dims[idx]
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
-        return no_rule(a, node)  # tensor (advanced) indexing
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice)) or _int_list(i)) for i in idx) \
+            or sum(map(_int_list, idx)) > 1:
+        return no_rule(a, node)  # tensor (advanced) indexing, or lists broadcast together
     cover = len(dims) - sum(i is not None and i is not Ellipsis for i in idx)
     out, k = [], 0
     for i in idx:
@@ -172,7 +221,7 @@ def getitem(a, node):
             k += 1
         else:
             a.fix(dims[k], f"indexed or sliced by {node.name}")
-            if isinstance(i, slice):
+            if not isinstance(i, int):
                 out.append(a.fresh(a.shape(node)[len(out)], "sliced", structural=True))
             k += 1
     return tuple(out) + dims[k:]
@@ -184,18 +233,21 @@ def matmul(a, node):
     if len(xd) < 2 or len(yd) < 2:
         return no_rule(a, node)
     a.tie(xd[-1], yd[-2], f"{node.name} multiplies mismatched widths")
-    batch = _batch(a, [x, y], len(a.shape(node)) - 2)
+    batch = _batch(a, node, [x, y])
     return batch + (xd[-2], yd[-1])
 
 
-def _batch(a, xs, n):
-    """Leading (batch) dims of several tensors, broadcast together, `n` of them."""
+def _batch(a, node, xs):
+    """The output's leading (batch) dims, aligned from the right over the inputs' own (all but their
+    last two): an input dim of the output's size is that dim; one of another size is broadcast (1) or
+    repeated (grouped-query attention's fewer key/value heads), and ties nothing."""
+    out_shape = a.shape(node)
     out = []
-    for i in range(n, 0, -1):
-        meet = [a.dims(x)[-2 - i] for x in xs if len(a.dims(x)) >= 2 + i and a.shape(x)[-2 - i] != 1]
+    for i in range(len(out_shape) - 2, 0, -1):
+        meet = [a.dims(x)[-2 - i] for x in xs if len(a.dims(x)) >= 2 + i and a.shape(x)[-2 - i] == out_shape[-2 - i]]
         for other in meet[1:]:
             a.tie(meet[0], other, "batch dims of a product differ")
-        out.append(meet[0] if meet else a.fresh(1, "broadcast", structural=True))
+        out.append(meet[0] if meet else a.fresh(out_shape[-2 - i], "broadcast", structural=True))
     return tuple(out)
 
 
@@ -205,11 +257,13 @@ def attention(a, node):
     qd, kd, vd = a.dims(q), a.dims(k), a.dims(v)
     a.tie(qd[-1], kd[-1], f"{node.name}: q and k head widths differ")
     a.tie(kd[-2], vd[-2], f"{node.name}: k and v lengths differ")
-    return _batch(a, [q, k, v], len(qd) - 2) + (qd[-2], vd[-1])
+    return _batch(a, node, [q, k, v]) + (qd[-2], vd[-1])
 
 
 def split(a, node):
-    """split / chunk along a width: the width becomes the sum of new groups, one per piece."""
+    """split / chunk along a width: the width becomes the sum of new groups, one per piece. The split
+    sizes are rewritten to the pieces' new widths (unless a computed size cuts a batch or sequence
+    dim: that size follows the input)."""
     x = node.args[0]
     xd = a.dims(x)
     d = positive_dim(node_arg(node, 2, "dim", 0), len(xd))
@@ -221,8 +275,6 @@ def split(a, node):
     if node.target in ("chunk", torch.chunk):
         for other in labels[1:]:  # chunk needs equal pieces at every width
             a.tie(labels[0], other, f"{node.name} chunks unequal pieces")
-    elif isinstance(node.args[1], (int, list, tuple)):
-        a.rewrites.append((node, "split"))
-    else:
-        a.fix(xd[d], f"{node.name} splits at a computed size")
+    elif isinstance(node.args[1], (int, list, tuple)) or not all(a.groups[g].structural for g, _ in a.resolve(xd[d])):
+        a.rewrites.append((node, "split"))  # a size computed from a width (C of x.size()) changes with it
     return [xd[:d] + (l,) + xd[d + 1:] for l in labels]

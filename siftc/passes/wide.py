@@ -189,7 +189,7 @@ def _rebuild(gm, plans, generator):
             continue
         new = _build(p, generator)
         if not p.changed:  # sparse at the dense shape: keep the dense weights, masked
-            new.load_state_dict(p.module.state_dict(), strict=False)
+            new.load_state_dict(layers.layer_type(p.module).torch_state(p.module), strict=False)
             new.set_mask(new.mask.clone())
         old_w = getattr(p.module, "weight", None)
         if old_w is not None and id(old_w) in replaced:

@@ -1,0 +1,153 @@
+"""Sparse Wide (and the layer-wise kinds where a layer type is new) on models third parties wrote: tiny HF
+GPT-2 (its Conv1D), Llama (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention), BERT, ViT and a
+nanoGPT, plus nn.MultiheadAttention and grouped convolutions.
+
+Each conversion runs once, in a module-scoped fixture; the checks read it. What must hold (DESIGN.md
+section 3): iso-FLOP within 0.5%, the residual stream and the MLP width widen by k, attention heads keep
+heads x head_dim, the converted model runs and gives the dense output's shape.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import siftc
+from siftc import layers, solve
+from siftc.passes.reshape_rules import HEADS
+
+from models_real import NanoGPT, hf_models
+
+SPARSITIES = (0.5, 0.75, 0.9)
+# One member of each group the checks look at, per model: (stream, MLP, an attention projection's side).
+MEMBERS = {
+    "gpt2": ("transformer.h.1.attn.c_attn:in", "transformer.h.0.mlp.c_fc:out", "transformer.h.0.attn.c_proj:in"),
+    "llama": ("model.layers.1.self_attn.o_proj:out", "model.layers.0.mlp.gate_proj:out",
+              "model.layers.0.self_attn.q_proj:out"),
+    "bert": ("bert.encoder.layer.1.attention.self.query:in", "bert.encoder.layer.0.intermediate.dense:out",
+             "bert.encoder.layer.0.attention.self.query:out"),
+    "vit": ("vit.layers.0.attention.q_proj:in", "vit.layers.1.mlp.fc1:out", "vit.layers.0.attention.q_proj:out"),
+    "nanogpt": ("h.1.attn.c_attn:in", "h.0.c_fc:out", "h.0.attn.c_proj:in"),
+}
+# Members that must share the group of the first one (the stream reaches every block and the head; the
+# SwiGLU product ties gate, up and down's input).
+SAME_GROUP = {
+    "gpt2": [("transformer.h.1.attn.c_attn:in", "transformer.wte:out"), ("transformer.h.1.attn.c_attn:in", "lm_head:in"),
+             ("transformer.h.0.mlp.c_fc:out", "transformer.h.0.mlp.c_proj:in")],
+    "llama": [("model.layers.1.self_attn.o_proj:out", "model.embed_tokens:out"),
+              ("model.layers.1.self_attn.o_proj:out", "model.layers.0.input_layernorm.weight:dim0"),
+              ("model.layers.1.self_attn.o_proj:out", "lm_head:in"),
+              ("model.layers.0.mlp.gate_proj:out", "model.layers.0.mlp.up_proj:out"),
+              ("model.layers.0.mlp.gate_proj:out", "model.layers.0.mlp.down_proj:in")],
+    "bert": [("bert.encoder.layer.1.attention.self.query:in", "bert.embeddings.word_embeddings:out")],
+    "vit": [("vit.layers.0.attention.q_proj:in", "vit.embeddings.patch_embeddings.projection:out")],
+    "nanogpt": [("h.1.attn.c_attn:in", "wte:out"), ("h.0.c_fc:out", "h.0.c_proj:in")],
+}
+POINTS = [(m, s) for m in ("gpt2", "llama") for s in SPARSITIES] + \
+         [(m, 0.75) for m in ("bert", "vit", "nanogpt")] + [("gpt2-eager", 0.75), ("llama-eager", 0.75)]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return hf_models()
+
+
+def _model(hf, name):
+    """(model, inputs) of a name in POINTS; `-eager` runs HF's eager attention (repeat_kv, masks)."""
+    if name == "nanogpt":
+        return NanoGPT(), (torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    base, _, attn = name.partition("-")
+    model, inputs = hf[base]
+    if attn:
+        model.config._attn_implementation = attn
+    return model.eval(), inputs
+
+
+def _run(model, inputs):
+    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+class Wide:
+    def __init__(self, hf, name, s):
+        self.name, self.s = name, s
+        self.model, self.inputs = _model(hf, name)
+        with torch.no_grad():
+            self.dense_out = _run(self.model, self.inputs)
+        self.gm = siftc.convert(self.model, "wide", s, self.inputs)
+        self.report = self.gm.siftc_info.report
+
+    def group(self, member):
+        found = [g for g in self.report["groups"] if member in g["members"]]
+        assert len(found) == 1, f"{member} in {len(found)} groups"
+        return found[0]
+
+
+@pytest.fixture(scope="module", params=POINTS, ids=[f"{m}-{s}" for m, s in POINTS])
+def wide(request, hf):
+    return Wide(hf, *request.param)
+
+
+def test_wide_is_iso_flop(wide):
+    assert abs(wide.report["flop_ratio"] - 1) <= 0.005, wide.report["flop_ratio"]
+    assert wide.report["transformed"] > 0
+
+
+def test_wide_runs_with_the_dense_output_shape(wide):
+    with torch.no_grad():
+        out = _run(wide.gm.eval(), wide.inputs)
+    assert out.shape == wide.dense_out.shape and torch.isfinite(out).all()
+
+
+def test_stream_and_mlp_widen_by_k_and_heads_keep_their_width(wide):
+    key = wide.name.partition("-")[0]
+    stream, mlp, heads = (wide.group(m) for m in MEMBERS[key])
+    for g in (stream, mlp):
+        assert g["widened"] and g["new_width"] == solve.wide_width(g["width"], wide.s), g
+    assert not heads["widened"] and heads["fixed"] == HEADS
+    for first, other in SAME_GROUP[key]:
+        assert other in wide.group(first)["members"], (first, other)
+
+
+def test_every_hidden_weight_layer_is_sparse(wide):
+    kinds = {r["name"]: r["kind"] for r in wide.report["layers"]}
+    hidden = [n for n in kinds if ".h." in f".{n}" or "layers." in n or "encoder." in n]
+    assert hidden and all(kinds[n] == "wide" for n in hidden), kinds
+
+
+# ---- GPT-2's Conv1D: one entry in the layer table, every kind ------------------------------------------
+def test_conv1d_is_a_transposed_linear_known_without_importing_transformers():
+    code = "import sys, siftc, siftc.passes; assert 'transformers' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    from transformers.pytorch_utils import Conv1D
+    conv = Conv1D(24, 16)  # nf=24 out, nx=16 in; weight (16, 24)
+    t = layers.layer_type(conv)
+    assert t.fan_in_out(conv) == (16, 24) and t.weight_shape(conv, {"in": 20, "out": 30}) == [20, 30]
+    x = torch.randn(3, 5, 16)
+    for kept in (t.sparse_copy(conv, conv.weight.numel(), None), t.dense_copy(conv)):
+        kept.load_state_dict(t.torch_state(conv), strict=False)
+        torch.testing.assert_close(kept(x), conv(x))
+
+
+@pytest.mark.parametrize("kind", ["parallel", "factorized", "doped"])
+def test_layerwise_kinds_transform_every_gpt2_conv1d(hf, kind):
+    model, inputs = _model(hf, "gpt2")
+    gm = siftc.convert(model, kind, 0.75, inputs)
+    report = gm.siftc_info.report
+    conv1d = [r for r in report["layers"] if ".h." in r["name"]]
+    assert len(conv1d) == 8 and all(r["kind"] == kind for r in conv1d)
+    assert abs(report["flop_ratio"] - 1) <= 0.005
+    assert not any(type(m).__name__ == "Conv1D" for m in gm.modules())
+    with torch.no_grad():
+        assert _run(gm.eval(), inputs).shape == _run(model, inputs).shape
+
+
+@pytest.mark.parametrize("kind", ["parallel", "doped", "wide"])
+def test_kinds_that_keep_the_dense_weights_transpose_conv1d_correctly(hf, kind):
+    """At sparsity 0, parallel (N=1), doped (rank 0) and wide (k=1) keep each Conv1D's weights: the
+    converted GPT-2 computes the dense logits."""
+    model, inputs = _model(hf, "gpt2")
+    gm = siftc.convert(model, kind, 0.0, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(gm.eval(), inputs), _run(model, inputs), atol=1e-5, rtol=1e-5)
