@@ -11,6 +11,7 @@ from torch import nn
 
 from siftc import flops
 from siftc.config import ConvertConfig
+from siftc.errors import UsageError
 from siftc.passes import KINDS
 from siftc.source import Source
 from siftc.trace import trace
@@ -40,6 +41,11 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
         gm, result = KINDS[cfg.kind](gm, cfg, generator)
+    if not any(r.kind == cfg.kind for r in result.layers):
+        left = ", ".join(f"{r.name} ({r.reason or r.kind})" for r in result.layers[:4])
+        raise UsageError(f"{cfg.kind}: nothing to transform: every weight layer is left as it is ({left}); "
+                         f"keep fewer dense (--keep-dense PATTERN or --no-keep-dense) or use a model with "
+                         f"hidden Linear/Conv layers")
     report = build_report(gm, cfg, result.layers, dense, dense_params)
     report.update(result.report_entries())  # a pass's own report entries (wide: "groups")
     report["trace"] = trace_report(traced)

@@ -7,6 +7,7 @@ import siftc
 from siftc import flops, solve
 from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.layers import fan_in_out
+from siftc.errors import UsageError
 from siftc.source import load_model
 
 from conftest import EXAMPLE_SPECS, spec_path
@@ -203,3 +204,10 @@ def test_report_flops_are_the_one_count(kind):
         inside = [k for k in forward.layers if k == r["name"] or k.startswith(r["name"] + ".")]
         assert r["flops"] == sum(forward.layers[k] for k in inside)
     assert (report["extra_flops"] > 0) == (kind in ("parallel", "factorized"))  # their branch norms
+
+
+@pytest.mark.parametrize("kind", ["parallel", "factorized", "doped"])
+def test_a_conversion_that_transforms_nothing_is_an_error(kind):
+    two = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # both kept dense (first and last)
+    with pytest.raises(UsageError, match=f"{kind}: nothing to transform: every weight layer is left as it is"):
+        siftc.convert(two, kind, 0.5, (torch.randn(2, 8),))
