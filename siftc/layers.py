@@ -47,6 +47,14 @@ class LayerType:
         """(why a layer-wise kind leaves `m` as is, whether that is unsupported), or None."""
         return None
 
+    def dense_shape(self, m) -> list[int]:
+        """Its weight's shape, as records print it."""
+        return list(m.weight.shape)
+
+    def weight_count(self, m) -> int:
+        """Its weights (a record's search space when it is left as is)."""
+        return m.weight.numel()
+
     def norm(self, width: int) -> nn.Module | None:
         """The norm of g after this layer in a branch (none after a linear layer)."""
         return None
@@ -140,15 +148,19 @@ class Conv(Linear):
         """A depthwise conv's outputs are its channel multiplier times its inputs."""
         return d_in * channel_multiplier(m) if depthwise(m) else d_out or m.out_channels
 
+    def groups_at(self, m, d_in: int) -> int:
+        """Its group count at `d_in` inputs: a grouped conv widens by its number of groups, each group
+        keeping its width (in_channels / groups; 1 for a depthwise conv)."""
+        return d_in // (m.in_channels // m.groups) if grouped(m) else 1
+
     def weight_shape(self, m, new: dict) -> list[int]:
-        groups = new["in"] if depthwise(m) else m.groups
-        return [self.out_width(m, new["in"], new.get("out")), new["in"] // groups, *m.kernel_size]
+        return [self.out_width(m, new["in"], new.get("out")), new["in"] // self.groups_at(m, new["in"]),
+                *m.kernel_size]
 
     def dense_copy(self, m, d_in=None, d_out=None, bias=None, pointwise=False) -> nn.Module:
         d_in = d_in or m.in_channels
         return self.dense_cls(d_in, self.out_width(m, d_in, d_out), **_geometry(m, pointwise),
-                              groups=d_in if depthwise(m) else m.groups, bias=_bias(m, bias),
-                              padding_mode=m.padding_mode)
+                              groups=self.groups_at(m, d_in), bias=_bias(m, bias), padding_mode=m.padding_mode)
 
     def sparse_copy(self, m, nnz, generator, d_in=None, d_out=None, bias=None, pointwise=False):
         return self.sparse_cls(d_in or m.in_channels, d_out or m.out_channels, **_geometry(m, pointwise),
@@ -187,6 +199,29 @@ class Untransformed(LayerType):
         return f"{type(m).__name__} is not transformed (only {', '.join(names)} are)", True
 
 
+class PackedAttention(LayerType):
+    """nn.MultiheadAttention: its q/k/v projections are one packed parameter (`in_proj_weight`, or three
+    when kdim/vdim differ) run inside F.multi_head_attention_forward, not Linear layers, so no kind can
+    sparsify them one by one, and its embed_dim is heads x head_dim, which Sparse Wide keeps. It is left
+    as is and its widths stay fixed (`siftc.passes.layer_rules.packed_attention`); its projections are
+    not weight FLOPs here (no Linear of it runs as a module), before or after."""
+    counted = False
+    transforms = False
+    sides = ()
+    WHY = ("nn.MultiheadAttention packs its q/k/v projections into one parameter (in_proj_weight) and its "
+           "embed_dim is heads x head_dim: left as is, its widths kept")
+
+    def refusal(self, m):
+        return self.WHY, True
+
+    def dense_shape(self, m):
+        w = m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
+        return list(w.shape)
+
+    def weight_count(self, m):
+        return sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight"))
+
+
 DENSE_TYPES = {
     nn.Linear: Linear(),
     nn.Conv2d: Conv(nn.Conv2d, SparseConv2d, nn.BatchNorm2d),
@@ -194,6 +229,7 @@ DENSE_TYPES = {
     nn.Embedding: Embedding(),
     nn.Conv3d: Untransformed(),
     nn.ConvTranspose2d: Untransformed(),
+    nn.MultiheadAttention: PackedAttention(),
 }
 # The sparse replacements are their dense twins to everyone who asks (fan-in, positions, shapes).
 LAYER_TYPES = {**DENSE_TYPES, SparseLinear: DENSE_TYPES[nn.Linear], SparseConv2d: DENSE_TYPES[nn.Conv2d],

@@ -151,3 +151,50 @@ class TwoLayers(nn.Module):
 
 
 GRAPHS = [DownsampleResidual, CatBranches, Chunked, FlattenLinear, FunctionalMix, NoRule]
+
+
+class AttentionBlock(nn.Module):
+    """A transformer block on nn.MultiheadAttention (its q/k/v one packed parameter) with an MLP."""
+
+    def __init__(self, need_weights: bool = False):
+        super().__init__()
+        self.need_weights = need_weights
+        self.inp = nn.Linear(10, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ln = nn.LayerNorm(32)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):                                                  # (B, T, 10)
+        h = self.inp(x)                                                    # (B, T, 32)
+        a, _ = self.attn(h, h, h, need_weights=self.need_weights)
+        h = self.ln(h + a)
+        h = h + self.fc2(torch.relu(self.fc1(h)))                          # (B, T, 32)
+        return self.out(h)                                                 # (B, T, 3)
+
+    @staticmethod
+    def inputs():
+        return (torch.randn(2, 5, 10),)
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt's bottleneck: a 3x3 conv in 16 groups of 4 channels between two dense convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.c1 = nn.Conv2d(32, 64, 3, padding=1)
+        self.g = nn.Conv2d(64, 64, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(64)
+        self.c2 = nn.Conv2d(64, 32, 1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):                                                  # (B, 3, H, W)
+        x = F.relu(self.stem(x))                                           # (B, 32, H, W)
+        h = F.relu(self.bn(self.g(F.relu(self.c1(x)))))                    # (B, 64, H, W): 16 groups x 4
+        x = x + self.c2(h)
+        return self.fc(x.mean((2, 3)))                                     # (B, 5)
+
+    @staticmethod
+    def inputs():
+        return (torch.randn(2, 3, 8, 8),)

@@ -15,9 +15,11 @@ from torch import nn
 
 import siftc
 from siftc import layers, solve
+from siftc.errors import UsageError
 from siftc.passes.reshape_rules import HEADS
 
 from models_real import NanoGPT, hf_models
+from models_wide import AttentionBlock, GroupedBottleneck
 
 SPARSITIES = (0.5, 0.75, 0.9)
 # One member of each group the checks look at, per model: (stream, MLP, an attention projection's side).
@@ -151,3 +153,62 @@ def test_kinds_that_keep_the_dense_weights_transpose_conv1d_correctly(hf, kind):
     gm = siftc.convert(model, kind, 0.0, inputs)
     with torch.no_grad():
         torch.testing.assert_close(_run(gm.eval(), inputs), _run(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+# ---- nn.MultiheadAttention: left as is, its widths kept, said so ---------------------------------------
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("kind", ["wide", "parallel", "factorized", "doped"])
+def test_multihead_attention_is_skipped_with_its_reason(kind, need_weights):
+    model = AttentionBlock(need_weights).eval()
+    x, = model.inputs()
+    gm = siftc.convert(model, kind, 0.75, (x,))
+    report = gm.siftc_info.report
+    rec = {r["name"]: r for r in report["layers"]}
+    assert rec["attn"]["kind"] == "skipped" and "in_proj_weight" in rec["attn"]["reason"]
+    assert rec["attn"]["dense_shape"] == [96, 32] and rec["attn"]["search_space"] == 4 * 32 * 32
+    assert rec["fc1"]["kind"] == rec["fc2"]["kind"] == kind
+    assert abs(report["flop_ratio"] - 1) <= 0.005
+    assert type(gm.get_submodule("attn")) is nn.MultiheadAttention
+    with torch.no_grad():
+        assert gm.eval()(x).shape == model(x).shape
+    if kind == "wide":  # the stream MHA reads keeps its width; the MLP's hidden width still widens
+        groups = {m: g for g in report["groups"] for m in g["members"]}
+        assert not groups["ln:d0"]["widened"] and "MultiheadAttention" in groups["ln:d0"]["fixed"]
+        assert groups["fc1:out"]["widened"] and groups["fc1:out"]["new_width"] == solve.wide_width(64, 0.75)
+
+
+def test_multihead_attention_is_an_error_with_strict():
+    model = AttentionBlock()
+    with pytest.raises(UsageError, match="--strict: cannot transform attn"):
+        siftc.convert(model, "parallel", 0.5, model.inputs(), strict=True)
+
+
+# ---- grouped convs widen by their number of groups -------------------------------------------------------
+@pytest.fixture(scope="module", params=SPARSITIES)
+def grouped(request):
+    model = GroupedBottleneck().eval()
+    return model, request.param, siftc.convert(model, "wide", request.param, model.inputs())
+
+
+def test_grouped_conv_widens_by_its_groups_with_the_group_width_kept(grouped):
+    model, s, gm = grouped
+    report = gm.siftc_info.report
+    assert abs(report["flop_ratio"] - 1) <= 0.005
+    g, dense = gm.get_submodule("g"), model.g
+    groups = solve.wide_width(16, s)
+    assert g.groups == groups and (g.in_channels, g.out_channels) == (4 * groups, 4 * groups)
+    assert g.weight.shape[1] == 4 and g.weight.numel() == dense.weight.numel() * groups // 16  # k, not k^2
+    assert gm.get_submodule("c1").out_channels == gm.get_submodule("c2").in_channels == 4 * groups
+    rec = {r["name"]: r for r in report["layers"]}
+    assert rec["g"]["kind"] == "dense" and f"groups=16 -> {groups}" in rec["g"]["reason"]
+    assert rec["c1"]["kind"] == rec["c2"]["kind"] == "wide"
+    x, = model.inputs()
+    with torch.no_grad():
+        assert gm.eval()(x).shape == model(x).shape
+
+
+def test_grouped_conv_too_costly_is_not_blamed_on_kept_dense_layers():
+    model = GroupedBottleneck()
+    with pytest.raises(UsageError) as e:
+        siftc.convert(model, "wide", 0.9, model.inputs(), keep_dense=["c1"])  # c2 alone pays for g and c1
+    assert "layers no kind sparsifies (g)" in str(e.value) and "kept-dense layers (c1)" in str(e.value)

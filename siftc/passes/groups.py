@@ -184,7 +184,7 @@ class Analysis:
         for node in self.gm.graph.nodes:
             dims = node.meta.get("siftc.dims")
             if isinstance(dims, list):
-                node.meta["siftc.dims"] = [tuple(self.resolve(l) for l in d) for d in dims]
+                node.meta["siftc.dims"] = [None if d is None else tuple(self.resolve(l) for l in d) for d in dims]
             elif dims is not None:
                 node.meta["siftc.dims"] = tuple(self.resolve(l) for l in dims)
         self.resolve_uses()

@@ -9,7 +9,7 @@ is what Sparse Wide rebuilds it from.
 import torch.fx
 from torch import nn
 
-from siftc.layers import channel_multiplier, depthwise, layer_type
+from siftc.layers import PackedAttention, channel_multiplier, depthwise, layer_type
 from siftc.passes.tensor_rules import keep_dims, no_rule, node_arg
 
 
@@ -43,11 +43,15 @@ def conv(a, node):
         mult = channel_multiplier(mod)
         a.use(node.target, **{"in": xd[1]})
         out = tuple((g, m * mult) for g, m in xd[1])
-    else:  # grouped: both sides stay multiples of the group count
-        out = _out(a, node, mod.out_channels)
+    else:  # grouped: the group count widens, each group keeps its width (in/groups in, out/groups out)
+        per_in, per_out = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+        used = a.uses.get(node.target)
+        count = ((used["out"][0][0], 1),) if used else a.fresh(mod.groups, sourced=True)
+        a.groups[count[0][0]].scale = per_out  # --round-to applies to its channels
+        a.tie(xd[1], tuple((g, per_in) for g, _ in count), f"{node.name}: a grouped conv's input is groups x "
+                                                            f"{per_in} channels")
+        out = tuple((g, per_out) for g, _ in count)
         a.use(node.target, **{"in": xd[1], "out": out})
-        a.divide(xd[1], mod.groups)
-        a.divide(out, mod.groups)
     return (xd[0], out) + spatial
 
 
@@ -89,3 +93,15 @@ def layer_norm_fn(a, node):
     elif not isinstance(shape, torch.fx.Node):
         return no_rule(a, node)
     return xd
+
+
+def packed_attention(a, node):
+    """nn.MultiheadAttention (`siftc.layers.PackedAttention`): query, key and value keep their embed
+    widths; the output has the query's dims, the attention weights (or None) no widths."""
+    q, k, v = (node_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    for x in (q, k, v):
+        a.fix(a.dims(x)[-1], PackedAttention.WHY)
+    weights = node.meta["tensor_meta"][1]
+    wd = tuple(a.fresh(s, "attention weights", structural=True) for s in weights.shape) \
+        if hasattr(weights, "shape") else None
+    return [a.dims(q), wd]

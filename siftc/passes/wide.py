@@ -40,6 +40,7 @@ class Plan:
     new: dict
     positions: int = 0       # output positions per channel, over all its calls
     sparse: bool = False
+    kept_dense: bool = False  # by the user's or the paper's choice (not a grouped conv, dense by type)
     nnz: int = 0
     reason: str = ""
 
@@ -117,16 +118,18 @@ def _plans(gm, a, cfg, width) -> dict:
     for name, mod in weight_layers(gm):
         choice = choices[name]
         plan = plans.get(name)
-        if plan is None:
-            plans[name] = Plan(name, mod, {}, {}, reason=f"{choice.reason or type(mod).__name__}: "
-                                                         "no width rule, left as is")
+        if plan is None:  # no width rule recorded it: a type the table leaves as is says why itself
+            plans[name] = Plan(name, mod, {}, {}, reason=choice.reason if not layers.layer_type(mod).transforms
+                               else f"{choice.reason or type(mod).__name__}: no width rule, left as is")
             continue
-        plan.sparse = choice.transform
+        plan.sparse, plan.kept_dense = choice.transform, choice.kept_dense
         plan.reason = choice.reason
         if layers.grouped(mod):
-            plan.reason = (f"{'depthwise' if layers.depthwise(mod) else 'grouped'} conv "
-                           f"(groups={mod.groups}): widened with its channels (groups scale with them), "
-                           f"kept dense and paid for by the sparse layers")
+            groups = layers.layer_type(mod).groups_at(mod, plan.new["in"])
+            how = "groups scale with its channels" if layers.depthwise(mod) else "each group keeps its width"
+            plan.reason = (f"{'depthwise' if layers.depthwise(mod) else 'grouped'} conv (groups={mod.groups}"
+                           f"{f' -> {groups}' if groups != mod.groups else ''}): widened by its number of groups "
+                           f"({how}), kept dense and paid for by the sparse layers")
     if not any(p.sparse for p in plans.values()):
         kept = [n for n, _ in weight_layers(gm)]
         raise UsageError(f"wide: nothing to widen: every weight layer ({', '.join(kept[:4])}) is kept dense, "
@@ -145,10 +148,14 @@ def _solve(plans, cfg):
     try:
         nnz = solve.wide_nnz(budgets, capacities, [p.positions for p in sparse], extra)
     except ValueError:
-        kept = [p.name for p in weighted if not p.sparse and p.changed]
-        raise UsageError(f"wide at sparsity {cfg.sparsity}: the kept-dense layers ({', '.join(kept[:4])}) grow by "
-                         f"more FLOPs than the sparse layers have; keep fewer dense (--keep-dense PATTERN or "
-                         f"--no-keep-dense) or lower the sparsity") from None
+        grown = [p for p in weighted if not p.sparse and p.changed]
+        kept = [p.name for p in grown if p.kept_dense]
+        typed = [p.name for p in grown if not p.kept_dense]  # dense by type: grouped convs
+        what = " and ".join(filter(None, [kept and f"the kept-dense layers ({', '.join(kept[:4])})",
+                                          typed and f"the layers no kind sparsifies ({', '.join(typed[:4])})"]))
+        fix = "keep fewer dense (--keep-dense PATTERN or --no-keep-dense) or " if kept else ""
+        raise UsageError(f"wide at sparsity {cfg.sparsity}: {what} grow by more FLOPs than the sparse layers "
+                         f"have; {fix}lower the sparsity") from None
     for p, n in zip(sparse, nnz):
         p.nnz = n
 
@@ -280,10 +287,10 @@ def _check_shapes(gm, width):
 def _record(p: Plan, new: nn.Module) -> LayerRecord:
     """What became of `p`'s module (`new` is what replaced it, or the module itself)."""
     m, t = p.module, layers.layer_type(p.module)
-    dense_shape = list(m.weight.shape)
+    dense_shape = t.dense_shape(m)
     counts = {"dense_flops": flops.module_flops(m, p.positions), "flops": flops.module_flops(new, p.positions)}
     if not p.new:
-        return LayerRecord(p.name, "skipped", dense_shape, reason=p.reason, search_space=m.weight.numel(), **counts)
+        return LayerRecord(p.name, "skipped", dense_shape, reason=p.reason, search_space=t.weight_count(m), **counts)
     shape = t.weight_shape(m, p.new)
     weights = math.prod(shape)
     structure = {"in": p.new.get("in"), "out": p.new.get("out"), "dense_in": p.old.get("in"),

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from siftc import layers
-from siftc.passes.layer_rules import channel_norm, conv, embedding, layer_norm, layer_norm_fn, linear
+from siftc.passes.layer_rules import (channel_norm, conv, embedding, layer_norm, layer_norm_fn, linear,
+                                      packed_attention)
 from siftc.passes.reshape_rules import flatten, view
 from siftc.passes.tensor_rules import (attention, broadcast, cat, expand, factory, getitem, matmul, no_rule, output,
                                        param, permute, placeholder, reduce, same, split, stack, transpose)
@@ -30,7 +31,8 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid
                         nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 # Weight layers by their entry in the layer table (`siftc.layers`), so a type entered there (HF's Conv1D,
 # a Linear) needs no row here.
-WEIGHT_RULES = {layers.Linear: linear, layers.Conv: conv, layers.Embedding: embedding}
+WEIGHT_RULES = {layers.Linear: linear, layers.Conv: conv, layers.Embedding: embedding,
+                layers.PackedAttention: packed_attention}
 MODULE_RULES = {
     nn.BatchNorm1d: channel_norm, nn.BatchNorm2d: channel_norm, nn.GroupNorm: channel_norm,
     nn.LayerNorm: layer_norm, nn.Flatten: flatten,
