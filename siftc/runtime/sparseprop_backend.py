@@ -10,6 +10,10 @@ Known limits of the package: its convolutions give wrong results when the batch 
 supports square kernels, stride 1 or 2, no dilation, float32 only. This backend refuses those cases with
 an error instead of returning wrong numbers.
 
+Its Functions return a view of their own output buffer (a transpose, a reshape), which autograd refuses
+to let the next op modify in place (`nn.ReLU(inplace=True)`); `_own` copies such an output once, the cost
+of a peer that does it, and gradients are unchanged.
+
 Its sdist does not build in pip's isolated build environment; INSTALL is the command that works.
 """
 import weakref
@@ -29,6 +33,11 @@ def _import():
         raise UsageError(f"backend 'sparseprop' needs the SparseProp package: `{INSTALL}` "
                          f"(it compiles C++ on install), or choose --backend native") from e
     return functions, utils
+
+
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """`y`, or a copy of it if it is a view made inside a Function (so in-place ops after it work)."""
+    return y.clone() if y._is_view() else y
 
 
 class SparseProp:
@@ -54,7 +63,7 @@ class SparseProp:
 
         pos, idx = self._entry(layer, build)
         vals = layer.weight.flatten()[pos]
-        return functions.SparseLinearFunction.apply(x, vals, idx, layer.bias, layer.out_features)
+        return _own(functions.SparseLinearFunction.apply(x, vals, idx, layer.bias, layer.out_features))
 
     def conv2d(self, layer, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
         functions, utils = _import()
@@ -78,8 +87,8 @@ class SparseProp:
 
         pos, idx = self._entry(layer, build)
         vals = layer.weight.flatten()[pos]
-        return functions.SparseConvFunction.apply(x, vals, idx, layer.bias, layer.out_channels, kh,
-                                                  layer.padding[0], layer.stride[0], False, False)
+        return _own(functions.SparseConvFunction.apply(x, vals, idx, layer.bias, layer.out_channels, kh,
+                                                       layer.padding[0], layer.stride[0], False, False))
 
     def conv1d(self, layer, x):
         raise UsageError(f"backend 'sparseprop' has no 1-D convolution ({layer}); use --backend native")

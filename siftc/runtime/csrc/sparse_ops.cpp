@@ -661,7 +661,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear(
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "siftc: sparse_linear expects 2-d input and weight");
   auto [y, xp, vals] = sparse_conv2d(as_image(x), as_image(weight), bias, {1, 1}, {0, 0}, {1, 1}, ptr, code, widx,
                                      tptr, tcode, tsrc, wptr, wcode, wwidx);
-  return {y.view({x.size(0), weight.size(0)}), xp, vals};
+  // _unsafe_view: y is fresh, so its (N, out) shape is not a view autograd must protect; a view output of
+  // an op with an autograd formula cannot be modified in place (ReLU(inplace=True) right after the layer).
+  return {at::_unsafe_view(y, {x.size(0), weight.size(0)}), xp, vals};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
