@@ -212,3 +212,26 @@ def test_grouped_conv_too_costly_is_not_blamed_on_kept_dense_layers():
     with pytest.raises(UsageError) as e:
         siftc.convert(model, "wide", 0.9, model.inputs(), keep_dense=["c1"])  # c2 alone pays for g and c1
     assert "layers no kind sparsifies (g)" in str(e.value) and "kept-dense layers (c1)" in str(e.value)
+
+
+def test_rms_norm_module_follows_the_stream_it_normalises():
+    model = nn.Sequential(nn.Linear(6, 32), nn.RMSNorm(32), nn.Linear(32, 32), nn.RMSNorm(32), nn.Linear(32, 2))
+    x = torch.randn(4, 6)
+    gm = siftc.convert(model, "wide", 0.75, (x,))
+    assert gm.get_submodule("1").normalized_shape == (64,) == gm.get_submodule("3").normalized_shape
+    assert abs(gm.siftc_info.report["flop_ratio"] - 1) <= 0.005 and gm(x).shape == (4, 2)
+
+
+def test_widen_heads_on_llama_widens_v_and_keeps_the_rotary_head_dim(hf):
+    """--widen-heads: v's and o_proj's head_dim widen; q's and k's stay, since rotate_half slices them in
+    halves (a slice fixes a width) and the report says so."""
+    model, inputs = _model(hf, "llama")
+    gm = siftc.convert(model, "wide", 0.75, inputs, widen_heads=True)
+    report = gm.siftc_info.report
+    groups = {m.split(" ")[0]: g for g in report["groups"] for m in g["members"]}
+    v, q = groups["model.layers.0.self_attn.v_proj:out"], groups["model.layers.0.self_attn.q_proj:out[0:32]"]
+    assert v["widened"] and v["new_width"] == 2 * v["width"]
+    assert not q["widened"] and q["fixed"].startswith("sliced by")
+    assert abs(report["flop_ratio"] - 1) <= 0.005
+    with torch.no_grad():
+        assert _run(gm.eval(), inputs).shape == _run(model, inputs).shape

@@ -222,7 +222,7 @@ def getitem(a, node):
         else:
             a.fix(dims[k], f"indexed or sliced by {node.name}")
             if not isinstance(i, int):
-                out.append(a.fresh(a.shape(node)[len(out)], "sliced", structural=True))
+                out.append(a.fresh(a.shape(node)[len(out)], f"sliced by {node.name}", structural=True))
             k += 1
     return tuple(out) + dims[k:]
 

@@ -166,6 +166,10 @@ def _layer_norm(m, new):
                         bias=getattr(m, "bias", None) is not None)
 
 
+def _rms_norm(m, new):
+    return nn.RMSNorm([new[f"d{i}"] for i in range(len(new))], m.eps, m.elementwise_affine)
+
+
 def _group_norm(m, new):
     return nn.GroupNorm(m.num_groups, new["c"], m.eps, m.affine)
 
@@ -174,7 +178,7 @@ def _batch_norm(m, new):
     return type(m)(new["c"], m.eps, m.momentum, m.affine, m.track_running_stats)
 
 
-NORM_COPIES = {nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm, nn.modules.batchnorm._BatchNorm: _batch_norm}
+NORM_COPIES = {nn.LayerNorm: _layer_norm, nn.RMSNorm: _rms_norm, nn.GroupNorm: _group_norm, nn.modules.batchnorm._BatchNorm: _batch_norm}
 
 
 def _build(p: Plan, generator) -> nn.Module:

@@ -35,7 +35,7 @@ WEIGHT_RULES = {layers.Linear: linear, layers.Conv: conv, layers.Embedding: embe
                 layers.PackedAttention: packed_attention}
 MODULE_RULES = {
     nn.BatchNorm1d: channel_norm, nn.BatchNorm2d: channel_norm, nn.GroupNorm: channel_norm,
-    nn.LayerNorm: layer_norm, nn.Flatten: flatten,
+    nn.LayerNorm: layer_norm, nn.RMSNorm: layer_norm, nn.Flatten: flatten,
     **{m: same for m in _ELEMENTWISE_MODULES},
 }
 
