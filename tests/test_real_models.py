@@ -12,8 +12,9 @@ from torch import nn
 
 import siftc
 from models_real import NanoGPT, hf_models
-from siftc.concrete_trace import ShapeMismatch, concrete_trace
+from siftc.concrete_trace import ShapeMismatch
 from siftc.errors import TraceError
+from siftc.trace import trace
 
 LAYERWISE = ("parallel", "factorized", "doped")
 SPARSITIES = (0.5, 0.75, 0.9)
@@ -28,16 +29,24 @@ def hf():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     models = hf_models()
-    # Traced once per family; each conversion below starts from the traced graph (a GraphModule is
-    # used as given), so the module tests every kind x sparsity without re-tracing.
-    return {name: (model, inputs, concrete_trace(model, inputs)[0]) for name, (model, inputs) in models.items()}
+    # Traced once per family and attention implementation; each conversion below starts from the traced
+    # graph (a GraphModule is used as given), so the module tests every kind x sparsity without re-tracing.
+    out = {}
+    for name, (model, inputs) in models.items():
+        for attn in ("sdpa", "eager"):
+            model.config._attn_implementation = attn
+            out[name, attn] = (model, inputs, trace(model, inputs).gm)
+        model.config._attn_implementation = "sdpa"
+        out[name] = out[name, "sdpa"]
+    return out
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("kind", LAYERWISE)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "vit"])
-def test_hf_every_layerwise_kind_is_iso_flop(hf, name, kind, sparsity):
-    model, inputs, traced = hf[name]
+def test_hf_every_layerwise_kind_is_iso_flop(hf, name, attn, kind, sparsity):
+    model, inputs, traced = hf[name, attn]
     gm = siftc.convert(traced, kind, sparsity, inputs)
     report = gm.siftc_info.report
     assert abs(report["flop_ratio"] - 1) < 0.005
