@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from siftc import flops, store
+from siftc import layers as layers_table
 from siftc.errors import UsageError
 from siftc.export_checks import ATOL, DYNAMIC_CHECK_BATCH, RTOL, ExportCheckError, check, reference_outputs
 from siftc.source import LoadedModel, input_specs, make_inputs, resolve
@@ -168,7 +169,7 @@ def _sidecar(src: LoadedModel, masks, folded, in_names, out_names, batch, opset,
     per_weight = {r["name"]: r for r in checks["weights"]}
     layers = []
     for name, mod in folded.named_modules():
-        if isinstance(mod, flops.WEIGHT_LAYERS):
+        if layers_table.counted(mod):
             rec = per_weight.get(name)
             layers.append({"name": name, "type": type(mod).__name__, "shape": list(mod.weight.shape),
                            "density": rec["density"] if rec else 1.0,

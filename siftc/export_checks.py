@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from siftc.errors import SiftcError
-from siftc.flops import WEIGHT_LAYERS
+from siftc.layers import counted
 from siftc.source import make_inputs
 
 ATOL = 1e-4        # |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, float32
@@ -167,7 +167,7 @@ def check_layer_outputs(model, path, folded: nn.Module, inputs: tuple, masks: di
         for name in node.input:
             users.setdefault(name, []).append(node)
     for name, layer in folded.named_modules():
-        if not isinstance(layer, WEIGHT_LAYERS):
+        if not counted(layer):
             continue
         w = layer.weight.detach().numpy()
         found = _stored_weight(inits, name, w, masks[name].numpy() if name in masks else np.ones(w.shape, bool))

@@ -16,7 +16,6 @@ from torch import nn
 
 from siftc import layers
 
-WEIGHT_LAYERS = tuple(cls for cls, t in layers.DENSE_TYPES.items() if t.counted)  # for isinstance users
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
