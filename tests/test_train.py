@@ -187,6 +187,25 @@ def test_checkpoint_is_checked_and_metrics_are_never_padded(work, tmp_path):
     (run / "checkpoint.pt").write_bytes(good)
 
 
+def test_resume_hashes_the_artifact_and_data_once(work, tmp_path, monkeypatch):
+    """`--resume` checks the run's inputs in one place (siftc.train.loop.resume), not in the CLI and
+    again in the loop."""
+    from siftc.train import checkpoint, loop
+    run = tmp_path / "run"
+    assert cli("train", work / "clf", "--data", work / "data.npz", "--steps", 4, "--batch-size", 8,
+               "--checkpoint-every", 2, "--backend", "torch", "-o", run, "--quiet").exit_code == 0
+    seen = []
+    digest, sha = checkpoint.artifact_digest, loop.file_sha256
+    monkeypatch.setattr(checkpoint, "artifact_digest", lambda p: seen.append(("artifact", str(p))) or digest(p))
+    monkeypatch.setattr(loop, "file_sha256", lambda p: seen.append(("data", str(p))) or sha(p))
+    r = cli("train", "--resume", run, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert seen == [("artifact", str(work / "clf")), ("data", str(work / "data.npz"))]
+    seen.clear()
+    summary = loop.resume(run)  # the library call the CLI makes
+    assert summary["resumed_at"] == 4 and len(seen) == 2
+
+
 def test_sigkill_and_resume_equals_uninterrupted(work, tmp_path):
     args = dict(method="rigl", steps=500, batch_size=16, update_every=60, checkpoint_every=50,
                 seed=3, backend="torch", threads=1)

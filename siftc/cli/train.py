@@ -86,8 +86,7 @@ def train(ctx, artifact, data, output, resume, force, quiet, **options):
       siftc train --resume runs/mlp-rigl      # after an interruption
     """
     from siftc.errors import UsageError
-    from siftc.train import train as run_training
-    from siftc.train.loop import check_resumable
+    from siftc.train.loop import resume as resume_run, train as run_training
 
     progress = None if quiet else RichProgress()
     if resume:
@@ -96,8 +95,7 @@ def train(ctx, artifact, data, output, resume, force, quiet, **options):
         if given:
             raise UsageError(f"--resume takes every setting from {resume}/run.json; drop "
                              f"{', '.join(given)}")
-        cfg, _ = check_resumable(resume)  # the settings the run was started with
-        summary = run_training(cfg, progress, resume=True)
+        summary = resume_run(resume, progress)  # with the settings the run was started with
     else:
         missing = [flag for flag, v in (("ARTIFACT", artifact), ("--data", data), ("-o", output)) if not v]
         if missing:

@@ -7,7 +7,6 @@ mask scheduler on a runtime backend, checkpoint, evaluate, and save the trained 
 The library never prints: pass `progress`, a callable taking event dicts ({"event": "start" | "step" |
 "eval" | "end", ...}); only rank 0 calls it.
 """
-import contextlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from siftc.errors import UsageError
 from siftc.nn.sparse import set_backend
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
 from siftc.artifact import FORMAT as ARTIFACT
-from siftc.store import check_output, file_sha256, os_errors, run_lock, write_file, write_json
+from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_file, write_json
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
@@ -99,47 +98,54 @@ def check_resumable(run) -> tuple[TrainConfig, dict]:
     """The settings of RUN/ and its run.json, after checking its artifact and data are unchanged."""
     info = checkpoint.read_run(run)
     cfg = TrainConfig.from_json({**info["config"], "out": str(run)})
-    for what, path, digest, now in (
-            ("artifact", cfg.artifact, info["artifact_sha"], lambda p: checkpoint.artifact_digest(p)),
-            ("data", cfg.data, info["data_sha"], file_sha256)):
-        if not Path(path).exists():
-            raise UsageError(f"the run's {what} {path} is gone; restore it to resume {run}")
-        with os_errors(path, "read"):
-            same = now(path) == digest
-        if not same:
-            raise UsageError(f"the run's {what} {path} changed since {run} started; a resumed run "
-                             f"must see the same {what}: restore it or start a new run")
+    for what, path, digest, digest_of in (("artifact", cfg.artifact, info["artifact_sha"], checkpoint.artifact_digest),
+                                          ("data", cfg.data, info["data_sha"], file_sha256)):
+        verify_digest(path, digest, digest_of=digest_of, present=Path.exists,
+                      missing=f"the run's {what} {path} is gone; restore it to resume {run}",
+                      changed=f"the run's {what} {path} changed since {run} started; a resumed run "
+                              f"must see the same {what}: restore it or start a new run")
     return cfg, info
 
 
-def train(cfg: TrainConfig, progress=None, force: bool = False, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, progress=None, force: bool = False) -> dict:
     """Train in this process (cfg.nproc == 1) or in cfg.nproc processes. Returns the run's summary.
     RUN/ is locked while this runs: a second run into it, or a resume of it, is refused."""
     out = Path(cfg.out)
-    with contextlib.ExitStack() as stack:
-        if resume:
-            checkpoint.read_run(out)
-            stack.enter_context(run_lock(out))
-            cfg, info = check_resumable(out)
-        else:  # the output is checked before the (slow) loading, and again once locked
-            check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))
+    check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))  # before the (slow) loading
+    prepared = prepare(cfg)
+    check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))  # again: it may have changed
+    with os_errors(out):
+        out.mkdir(parents=True, exist_ok=True)  # to hold the lock; start() fills it
+    with run_lock(out):
+        info = start(cfg, force)
+        return _go(cfg, info["run_id"], progress, prepared)
+
+
+def resume(run, progress=None) -> dict:
+    """Continue RUN/ from its last checkpoint with the settings it was started with, after checking
+    (once) that its artifact and data are unchanged. Returns the run's summary; RUN/ is locked meanwhile.
+
+        >>> resume("runs/mlp")  # after an interruption
+    """
+    out = Path(run)
+    checkpoint.read_run(out)  # a file or a stranger's directory is refused before the lock is made
+    with run_lock(out):
+        cfg, info = check_resumable(out)
         prepared = prepare(cfg)
-        if resume:  # a checkpoint from elsewhere fails here, in one line, not inside N worker processes
-            state = checkpoint.load(out, info["run_id"])
-            if state is not None:
-                _fits(prepared[0], state, out)
-        else:
-            check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))
-            with os_errors(out):
-                out.mkdir(parents=True, exist_ok=True)  # to hold the lock; start() fills it
-            stack.enter_context(run_lock(out))
-            info = start(cfg, force)
-        if cfg.nproc > 1:
-            from siftc.train.distributed import launch
-            launch(cfg, info["run_id"], progress)
-        else:
-            run(cfg, info["run_id"], progress, prepared=prepared)
-        return json.loads((out / "summary.json").read_text())
+        state = checkpoint.load(out, info["run_id"])  # a checkpoint from elsewhere fails here, in one
+        if state is not None:                          # line, not inside N worker processes
+            _fits(prepared[0], state, out)
+        return _go(cfg, info["run_id"], progress, prepared)
+
+
+def _go(cfg: TrainConfig, run_id: str, progress, prepared) -> dict:
+    """Run in this process or launch cfg.nproc of them; the summary they wrote."""
+    if cfg.nproc > 1:
+        from siftc.train.distributed import launch
+        launch(cfg, run_id, progress)
+    else:
+        run(cfg, run_id, progress, prepared=prepared)
+    return json.loads((Path(cfg.out) / "summary.json").read_text())
 
 
 def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1, prepared=None) -> None:
