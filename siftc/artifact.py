@@ -22,7 +22,7 @@ import torch
 from siftc.config import ConvertConfig
 from siftc.errors import ArtifactError, SiftcError, UsageError
 from siftc.source import Source, load_model
-from siftc.store import file_sha256, os_errors, write_dir
+from siftc.store import file_sha256, os_errors, verify_digest, write_dir
 
 FORMAT = "siftc-artifact"
 VERSION = 2  # 2: sparse layers stored as values inside the mask + mask bits
@@ -81,13 +81,9 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
     if verify:
         for name, digest in meta["sha256"].items():
             f = path / name
-            if not f.is_file():
-                raise ArtifactError(f"{f} is missing: the artifact is incomplete; convert the model again")
-            with os_errors(f, "read"):
-                same = file_sha256(f) == digest
-            if not same:
-                raise ArtifactError(f"{f} does not match its checksum: truncated or corrupt; "
-                                    f"convert the model again")
+            verify_digest(f, digest, error=ArtifactError,
+                          missing=f"{f} is missing: the artifact is incomplete; convert the model again",
+                          changed=f"{f} does not match its checksum: truncated or corrupt; convert the model again")
     return meta
 
 

@@ -9,6 +9,7 @@
     run_lock(dir)                  an fcntl lock held while one process writes a run directory
     os_errors(path, action)        an OSError inside becomes the one-line error naming the path and the fix
     file_sha256(path)              hex digest, read in 1 MB blocks
+    verify_digest(path, digest, ...)  the file is there and hashes to what was recorded, or the caller's error
     read_sidecar / write_sidecar   the `<file>.onnx.json` that says what an exported file is
 
 A kill at any moment leaves either the old file (or directory) or the new one, never half of one. The
@@ -148,6 +149,19 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_digest(path, digest: str, *, missing: str, changed: str, error=UsageError, digest_of=file_sha256,
+                  present=Path.is_file):
+    """Raise `error(missing)` unless `present(path)`, and `error(changed)` unless `digest_of(path)` is the
+    recorded `digest`; an OSError while hashing is the one-line read error naming the path."""
+    path = Path(path)
+    if not present(path):
+        raise error(missing)
+    with os_errors(path, "read"):
+        same = digest_of(path) == digest
+    if not same:
+        raise error(changed)
 
 
 def _fsync(path: Path):

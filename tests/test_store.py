@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from siftc import store
-from siftc.errors import UsageError
+from siftc.errors import ArtifactError, UsageError
 
 
 def test_write_file_replaces_whole_or_not_at_all(tmp_path):
@@ -128,6 +128,26 @@ def test_file_sha256_reads_in_blocks(tmp_path):
     data = bytes(range(256)) * 9000  # over two 1 MB blocks
     (tmp_path / "f").write_bytes(data)
     assert store.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_verify_digest_raises_the_callers_error(tmp_path):
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"weights")
+    ok = hashlib.sha256(b"weights").hexdigest()
+    store.verify_digest(f, ok, missing="gone", changed="changed")  # the same bytes: no error
+    with pytest.raises(ArtifactError, match="^changed$"):
+        store.verify_digest(f, "0" * 64, missing="gone", changed="changed", error=ArtifactError)
+    with pytest.raises(UsageError, match="^gone$"):
+        store.verify_digest(tmp_path / "nope", ok, missing="gone", changed="changed")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UsageError, match="^gone$"):  # a directory is not the file that was hashed
+        store.verify_digest(tmp_path / "d", ok, missing="gone", changed="changed")
+    store.verify_digest(tmp_path / "d", "dir", missing="gone", changed="changed", present=os.path.exists,
+                        digest_of=lambda p: "dir")
+    f.chmod(0)
+    if os.geteuid() != 0:  # root reads it anyway
+        with pytest.raises(UsageError, match=r"cannot read .*w.pt: Permission denied"):
+            store.verify_digest(f, ok, missing="gone", changed="changed")
 
 
 def test_sidecar_round_trip_and_foreign_files(tmp_path):
