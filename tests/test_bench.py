@@ -181,3 +181,21 @@ def test_cli_help_shows_the_library_defaults():
                             ("--round-to", ConvertConfig(kind="wide", sparsity=0).round_to),
                             ("--opset", ex.DEFAULT_OPSET)):
         assert re.search(rf"{option} \S+ [^[]*\[default: {re.escape(str(default))}\]", shown), option
+
+
+def test_defaults_have_one_home():
+    """The 5 s measurement time lives in runner.DEFAULT_TIME_S (BenchConfig and the CLI read it); the
+    sweep's rounding is ConvertConfig's own default, not a copy of it."""
+    import inspect
+
+    from siftc.bench import sweep
+    from siftc.cli import bench as cli_bench
+    from siftc.config import ConvertConfig
+
+    assert BenchConfig().time_s == runner.DEFAULT_TIME_S
+    assert BenchConfig(iterations=3).time_s is None  # the default applies only when neither is given
+    time_opt = next(p for p in cli_bench.bench_cmd.params if p.name == "time_s")
+    assert time_opt.default is runner.DEFAULT_TIME_S
+    assert sweep.ROUND_TO == ConvertConfig.round_to == ConvertConfig(kind="wide", sparsity=0).round_to
+    for fn in (sweep.run_sweep, sweep.build_points):
+        assert inspect.signature(fn).parameters["round_to"].default is sweep.ROUND_TO, fn.__name__

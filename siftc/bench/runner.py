@@ -19,6 +19,7 @@ from siftc.bench.engine import ENGINES, get_engine
 from siftc.errors import EngineError, UsageError
 
 FORMAT = "siftc-bench"
+DEFAULT_TIME_S = 5.0  # measured seconds when neither --time nor --iterations: a stable p50 on a small model
 SETTLE_S = 0.2  # pause before each slice, so the previous engine's worker threads have gone idle
 VERSION = 1
 
@@ -37,7 +38,7 @@ class BenchConfig:
     # Calls per pair before timing: first calls pay for allocation, caches and thread-pool start-up
     # (at least 1: the first call's outputs are compared across engines).
     warmup: int = 5
-    # Measured seconds per (file, engine, batch), split over the turns; 5 s when neither is given.
+    # Measured seconds per (file, engine, batch), split over the turns; DEFAULT_TIME_S when neither is given.
     time_s: float | None = None
     # Measured calls per (file, engine, batch), split over the turns, instead of a time.
     iterations: int | None = None
@@ -60,7 +61,7 @@ class BenchConfig:
             raise UsageError(f"--warmup (got {self.warmup}) and --turns (got {self.turns}) must be >= 1; the "
                              f"first warm-up call also compares the engines' outputs")
         if self.time_s is None and self.iterations is None:
-            object.__setattr__(self, "time_s", 5.0)  # enough calls for a stable p50 on a small model
+            object.__setattr__(self, "time_s", DEFAULT_TIME_S)
         if (self.time_s is None) == (self.iterations is None):
             raise UsageError("pass exactly one of --time SECONDS and --iterations N")
         if (self.time_s is not None and not 0 < self.time_s < math.inf) or \

@@ -11,8 +11,11 @@ from pathlib import Path
 
 from siftc import export as ex
 from siftc.bench.runner import BenchConfig, bench
+from siftc.config import ConvertConfig
 from siftc.errors import UsageError
 from siftc.store import check_parent, file_sha256, os_errors, read_sidecar
+
+ROUND_TO = ConvertConfig.round_to  # the dataclass default: a sweep point is what `siftc convert` would make
 
 
 def point_paths(out_dir: Path, kind: str, sparsity: float) -> tuple[Path | None, Path]:
@@ -46,7 +49,7 @@ def _reusable(onnx_path: Path, spec: str, kind: str, sparsity: float, batch, ops
 
 
 def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None, opset: int = ex.DEFAULT_OPSET,
-                 round_to: int = 1, force: bool = False, progress=None, dense: bool = True) -> list[Path]:
+                 round_to: int = ROUND_TO, force: bool = False, progress=None, dense: bool = True) -> list[Path]:
     """Convert and export each sparsity point (reusing up-to-date files); returns the ONNX paths,
     dense first. `batch=None` exports a dynamic batch. `dense=False`: only the points asked for."""
     import siftc
@@ -81,7 +84,7 @@ def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None
 
 
 def run_sweep(spec: str, kind: str, sparsities, out_dir, cfg: BenchConfig, *, opset: int = ex.DEFAULT_OPSET,
-              round_to: int = 1, dynamic_batch: bool = False, force: bool = False, progress=None,
+              round_to: int = ROUND_TO, dynamic_batch: bool = False, force: bool = False, progress=None,
               step=None) -> dict:
     """build_points then bench them all together (interleaved). Returns bench's result plus a
     "sweep" section: the points and, per engine, p50 relative to the dense model."""

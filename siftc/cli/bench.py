@@ -5,7 +5,7 @@ import click
 from click.core import ParameterSource
 
 from siftc.bench.engine import ENGINES
-from siftc.bench.runner import BenchConfig
+from siftc.bench.runner import DEFAULT_TIME_S, BenchConfig
 from siftc.cli.options import defaults
 from siftc.config import ConvertConfig
 from siftc.export import DEFAULT_OPSET
@@ -13,8 +13,6 @@ from siftc.passes import KINDS
 
 DEFAULT = defaults(BenchConfig)
 ROUND_TO = defaults(ConvertConfig)["round_to"]
-# What BenchConfig measures when given neither --time nor --iterations.
-TIME_S = BenchConfig().time_s
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -44,7 +42,7 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Comma-separated batch sizes.")
 @click.option("--threads", type=int, default=None, help="Threads (cores) per engine.  [default: all usable cores]")
 @click.option("--warmup", type=int, default=DEFAULT["warmup"], show_default=True, help="Untimed calls per engine first (the first also compares the engines' outputs).")
-@click.option("--time", "time_s", type=float, default=TIME_S, show_default=True,
+@click.option("--time", "time_s", type=float, default=DEFAULT_TIME_S, show_default=True,
               help="Measured seconds per (model, engine, batch).")
 @click.option("--iterations", type=int, default=None, help="Measured calls per (model, engine, batch), instead of --time.")
 @click.option("--turns", type=int, default=DEFAULT["turns"], show_default=True,
