@@ -34,12 +34,17 @@ def _x(value) -> str:
 def convert_time(d) -> str:
     kinds = list(dict.fromkeys(r["kind"] for r in d["rows"]))
     models = list(dict.fromkeys(r["model"] for r in d["rows"]))
-    cell = {(r["model"], r["kind"]): r["median_s"] for r in d["rows"]}
-    rows = [[f"`{m}`"] + [f"{cell[m, k]:.3f}" if (m, k) in cell else "—" for k in kinds] for m in models]
+    cell = {(r["model"], r["kind"]): r for r in d["rows"]}
+    rows = [[f"`{m}`"] + [f"{cell[m, k]['median_s']:.3f}" + (f" ({cell[m, k]['flop_ratio']:.4f})"
+                                                           if "flop_ratio" in cell[m, k] else "")
+                          if (m, k) in cell and "median_s" in cell[m, k] else "—" for k in kinds] for m in models]
     meta = d["meta"]
-    return (f"**Conversion time** (`benchmarks/convert_time.py`): median seconds of `siftc.convert` over "
-            f"{meta['reps']} runs at sparsity {meta['sparsity']}, {meta['threads']} threads, excluding Python "
-            f"start-up (target: under {meta['target_resnet18_s']:g} s for ResNet-18).\n\n"
+    targets = ", ".join(f"{m} under {t:g} s" for m, t in meta["targets_s"].items())
+    return (f"**Conversion time** (`benchmarks/convert_time.py`, {meta.get('cpu', meta['machine'])}): median "
+            f"seconds of `siftc.convert` over {meta['reps']} runs at sparsity {meta['sparsity']}, "
+            f"{meta['threads']} threads, excluding Python start-up, with the converted model's weight FLOPs "
+            f"over the dense model's in brackets; `gpt2_small` is HuggingFace's GPT-2 small at its real size "
+            f"(124M, random init, sequence 64). Targets: {targets}.\n\n"
             + _table(["model"] + kinds, rows))
 
 
@@ -138,9 +143,11 @@ def glance(results: dict) -> str:
     lines = []
     ct = results.get("convert_time")
     if ct:
-        rn = [r["median_s"] for r in ct["rows"] if r["model"].startswith("resnet18")]
-        lines.append(f"- Conversion of ResNet-18: {min(rn):.2f}–{max(rn):.2f} s per kind (target < "
-                     f"{ct['meta']['target_resnet18_s']:g} s: {'met' if max(rn) < ct['meta']['target_resnet18_s'] else 'missed'}).")
+        for prefix, target in ct["meta"]["targets_s"].items():
+            t = [r["median_s"] for r in ct["rows"] if r["model"].startswith(prefix) and "median_s" in r]
+            if t:
+                lines.append(f"- Conversion of {prefix}: {min(t):.2f}–{max(t):.2f} s per kind (target < "
+                             f"{target:g} s: {'met' if max(t) < target else '**missed**'}).")
     rt = results.get("runtime")
     if rt:
         missed = [t for t in rt["targets"] if not t["met"]]
