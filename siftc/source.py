@@ -8,10 +8,12 @@ Without `:name` siftc takes the one obvious factory, or says what it found. Exam
 (`--input-shape 1,3,224,224`). Importing a model file runs its code: that is the contract of naming one.
 """
 import base64
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import math
 import sys
 import traceback
@@ -137,6 +139,9 @@ def _first_item(spec: dict) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ model.py
 
+GUARD = 'guard its script code with `if __name__ == "__main__":`'
+
+
 def _import(target: str):
     """Import a .py path or a dotted module name; returns (module, file path or None)."""
     dotted = all(part.isidentifier() for part in target.split("."))  # torch.nn, pkg.models
@@ -150,7 +155,10 @@ def _import(target: str):
         sys.modules[name] = module  # dataclasses and pickling look modules up here
         sys.path.insert(0, str(path.resolve().parent))
         try:
-            spec.loader.exec_module(module)
+            _as_script(lambda: spec.loader.exec_module(module), f"importing {target}", path, GUARD)
+        except ModelLoadError:
+            sys.modules.pop(name, None)
+            raise
         except Exception as e:
             sys.modules.pop(name, None)
             raise ModelLoadError(f"importing {target} failed: {type(e).__name__}: {e} "
@@ -159,10 +167,35 @@ def _import(target: str):
             sys.path.remove(str(path.resolve().parent))
         return module, path.resolve()
     try:
-        return importlib.import_module(target), None
+        return _as_script(lambda: importlib.import_module(target), f"importing {target}", None, GUARD), None
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"cannot import module {target!r}: {type(e).__name__}: {e}; "
                              f"pass a file path (model.py) or an importable module") from e
+
+
+def _as_script(call, what: str, path: Path | None, fix: str):
+    """`call()` (the user's model code) as it would run under `python path`: sys.argv is [path], so
+    an argparse at import sees none of siftc's options. A sys.exit inside is the model file's, reported
+    as one ModelLoadError naming the file and line and the last line it printed (argparse's reason);
+    what it printed to stderr is passed on when it does not exit."""
+    argv, printed, exited = sys.argv, io.StringIO(), False
+    sys.argv = [str(path if path is not None else what.removeprefix("importing "))]
+    try:
+        with contextlib.redirect_stderr(printed):
+            return call()
+    except SystemExit as e:
+        exited = True
+        code = "" if e.code is None else repr(e.code)[:80]
+        said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
+        after = f', after printing "{said[-1][:200]}"' if said else ""
+        raise ModelLoadError(f"{what} exited (sys.exit({code}) at {_where(e, path)}{after}): the model "
+                             f"file's doing; {fix}") from e
+    finally:
+        sys.argv = argv
+        if not exited and printed.getvalue():
+            sys.stderr.write(printed.getvalue())
 
 
 def _where(exc: BaseException, path: Path | None = None) -> str:
@@ -217,7 +250,10 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bo
         model = obj
     elif callable(obj):
         try:
-            model = obj()
+            model = _as_script(obj, f"factory {target}:{name}", path,
+                               "a factory returns an nn.Module; leave exiting to the script code")
+        except ModelLoadError:
+            raise
         except Exception as e:
             raise ModelLoadError(f"factory {target}:{name} raised {type(e).__name__}: {e} "
                                  f"({_where(e, path)}); fix it or run with --debug") from e

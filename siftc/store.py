@@ -151,15 +151,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify_digest(path, digest: str, *, missing: str, changed: str, error=UsageError, digest_of=file_sha256,
+def verify_digest(path, digest: str, *, missing: str, changed: str, error=UsageError, digest_of=None,
                   present=Path.is_file):
-    """Raise `error(missing)` unless `present(path)`, and `error(changed)` unless `digest_of(path)` is the
-    recorded `digest`; an OSError while hashing is the one-line read error naming the path."""
+    """Raise `error(missing)` unless `present(path)`, and `error(changed)` unless `digest_of(path)`
+    (file_sha256 by default) is the recorded `digest`; an OSError while hashing is the one-line read
+    error naming the path."""
     path = Path(path)
     if not present(path):
         raise error(missing)
     with os_errors(path, "read"):
-        same = digest_of(path) == digest
+        same = (digest_of or file_sha256)(path) == digest
     if not same:
         raise error(changed)
 

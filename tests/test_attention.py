@@ -138,19 +138,23 @@ def test_dropout_follows_training_mode():
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: x + attn(ln(x)), then x + MLP(ln2(x))."""
+    """A pre-norm transformer block: x + attn(ln(x)), then x + MLP(ln2(x)). With `io`, a Linear in
+    and out (kept dense, the paper's first and last layer), so the residual stream is no model input
+    and Sparse Wide can widen it."""
 
-    def __init__(self, d=32, heads=4, need_weights=False):
+    def __init__(self, d=32, heads=4, need_weights=False, io=False):
         super().__init__()
         self.need_weights = need_weights
+        self.inp, self.head = (nn.Linear(d, d), nn.Linear(d, 3)) if io else (nn.Identity(), nn.Identity())
         self.ln, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
     def forward(self, x):                                                  # (B, T, d)
+        x = self.inp(x)
         h = self.ln(x)
         x = x + self.attn(h, h, h, need_weights=self.need_weights)[0]
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))                 # (B, T, d)
+        return self.head(x + self.fc2(F.gelu(self.fc1(self.ln2(x)))))     # (B, T, d or 3)
 
 
 class MaskedBlock(Block):

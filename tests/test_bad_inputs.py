@@ -25,6 +25,7 @@ from click.testing import CliRunner
 import siftc
 from siftc.cli import main
 from siftc.export import export
+from siftc.source import load_model
 from siftc.store import LOCK
 from siftc.train import TrainConfig, train
 
@@ -49,6 +50,25 @@ def build():
 
 def example_inputs():
     return (torch.randn(2, 16),)
+'''
+
+ARGPARSE_REQUIRED = MLP + '''
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--data", required=True)
+args = parser.parse_args()
+'''
+
+EXITS = MLP + '''
+import sys
+sys.exit(3)
+'''
+
+FACTORY_EXITS = '''
+import sys
+
+def build():
+    sys.exit("no model today")
 '''
 
 SIFTC = str(Path(sys.executable).with_name("siftc"))
@@ -176,6 +196,19 @@ CASES = {
                                         "f is a file, not a directory", None),
     "resume a checkpoint without its optimizer": (_resume_without("optimizer"), "lacks 'optimizer'", None),
     "resume a file": (lambda w, t: ["train", "--resume", w / "mlp.py"], "is a file, not a siftc training run", None),
+    # --- the user's model file misbehaving at import is the file's doing, not siftc's
+    "model.py argparse at import": (lambda w, t: _files(**{"script.py": ARGPARSE_REQUIRED})(t) or
+                                    ["convert", "script.py", "-k", "parallel", "-s", "0.5", "-o", "out"],
+                                    'script.py:14, after printing '
+                                    '"script.py: error: the following arguments are required: --data"): the '
+                                    'model file\'s doing; guard its script code with `if __name__ == "__main__":`',
+                                    PROC),
+    "model.py sys.exit(3) at import": (lambda w, t: _files(**{"quits.py": EXITS})(t) or
+                                       ["convert", "quits.py", "-k", "parallel", "-s", "0.5", "-o", "out"],
+                                       "quits.py:12): the model file's doing; guard its script code", PROC),
+    "factory sys.exit": (lambda w, t: _files(**{"fexit.py": FACTORY_EXITS})(t) or
+                         ["convert", "fexit.py:build", "-k", "parallel", "-s", "0.5", "-o", "out"],
+                         "fexit.py:5): the model file's doing; a factory returns an nn.Module", PROC),
     # --- numbers that are numbers
     "--lr inf": (lambda w, t: _train(w, "-o", "run", "--lr", "inf"), "positive finite", None),
     "--epochs inf": (lambda w, t: _train(w, "-o", "run")[:4] + ["--epochs", "inf"] + _train(w, "-o", "run")[6:],
@@ -234,6 +267,21 @@ def test_bad_input(case, w, tmp_path):
     assert_one_line(code, stdout, stderr, needle)
     assert tree(w) == before_w, "an input changed"
     assert tree(t) == before_t, "the working directory changed"
+
+
+def test_argparse_at_import_sees_the_model_path_as_its_argv(tmp_path):
+    """A model file that parses its arguments at import sees `python model.py` (no options), not
+    siftc's command line, so it converts; and sys.argv is siftc's again afterwards."""
+    (tmp_path / "script.py").write_text(MLP + "import argparse, sys\nargs = argparse.ArgumentParser().parse_args()\n"
+                                        "print('argv', sys.argv, file=sys.stderr)\n")
+    code, stdout, stderr = invoke(["convert", "script.py", "-k", "parallel", "-s", "0.5", "-o", "out"], tmp_path,
+                                  True)
+    assert code == 0, stderr
+    assert "argv ['script.py']" in stderr and "usage:" not in stderr  # what it printed is passed on
+    assert (tmp_path / "out" / "siftc.json").is_file()
+    argv = list(sys.argv)
+    load_model(str(tmp_path / "script.py"))
+    assert sys.argv == argv
 
 
 def test_stale_temp_dirs_of_a_killed_convert_are_removed(w, tmp_path):

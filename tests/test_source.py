@@ -1,12 +1,15 @@
 """siftc.source: a spec, an artifact directory or a converted model resolves to the model, its example
 inputs and where it came from; make_inputs draws inputs like the examples, from tensors or from a
 sidecar's input specs alike, and keeps a boolean input's pattern."""
+import re
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import siftc
-from siftc import artifact, source
+from siftc import artifact, source, store
 from siftc.errors import ModelLoadError, UsageError
 
 from conftest import ROOT, spec_path
@@ -44,8 +47,8 @@ def test_an_artifact_resolves_and_is_verified_once(tmp_path, monkeypatch):
     gm = siftc.convert(MLP, kind="parallel", sparsity=0.5)
     siftc.save(gm, tmp_path / "art")
     hashed = []
-    real = artifact.file_sha256
-    monkeypatch.setattr(artifact, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = store.file_sha256
+    monkeypatch.setattr(store, "file_sha256", lambda p: hashed.append(p.name) or real(p))
     got = source.resolve(tmp_path / "art")
     assert sorted(hashed) == ["inputs.pt", "weights.pt"]  # each checksum checked once, not twice
     assert got.origin == {"type": "artifact", "path": str((tmp_path / "art").resolve()),
@@ -86,3 +89,21 @@ def test_load_model_errors_name_the_fix(tmp_path):
     assert source.parse_shape("1,3,32x32") == (1, 3, 32, 32)
     with pytest.raises(UsageError, match="is not a shape"):
         source.parse_shape("1,-3")
+
+
+def test_a_model_file_that_exits_is_its_own_doing(tmp_path):
+    """sys.exit at import or in the factory is a one-line ModelLoadError naming the file and line, not
+    a SystemExit out of siftc; sys.argv is siftc's again afterwards."""
+    quits = tmp_path / "quits.py"
+    quits.write_text("import sys\nsys.exit(3)\n")
+    factory = tmp_path / "fexit.py"
+    factory.write_text("import sys\n\ndef build():\n    print('bye', file=sys.stderr)\n    sys.exit()\n")
+    argv = list(sys.argv)
+    with pytest.raises(ModelLoadError, match=rf"^importing {re.escape(str(quits))} exited \(sys.exit\(3\) at "
+                                             rf"{re.escape(str(quits))}:2\): the model file's doing; guard its "
+                                             r"script code with `if __name__ == \"__main__\":`$"):
+        source.load_model(str(quits))
+    with pytest.raises(ModelLoadError, match=rf"^factory {re.escape(str(factory))}:build exited \(sys.exit\(\) at "
+                                             rf"{re.escape(str(factory))}:5, after printing \"bye\"\)"):
+        source.load_model(f"{factory}:build")
+    assert sys.argv == argv
