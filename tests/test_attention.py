@@ -224,3 +224,37 @@ def test_onnx_export_runs_on_onnxruntime(tmp_path, need_weights):
     (got,) = sess.run(None, {k: t.numpy() for k, t in zip(["x", "pad", "mask"], inputs)})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(*inputs), atol=1e-5, rtol=1e-5)
+
+
+# ---- conversion: every kind transforms the projections, iso-FLOP; wide widens the residual stream ----
+@pytest.fixture
+def traced_through(monkeypatch):
+    """siftc.trace.leaf_rule keeps every siftc.nn module a leaf, SplitAttention included, which would
+    hide its Linear layers; until that rule traces through SplitAttention, the tests make it do so
+    (a no-op once it does)."""
+    import siftc.trace
+    rule = siftc.trace.leaf_rule
+    if rule()(SplitAttention(4, 1), "attn"):
+        monkeypatch.setattr(siftc.trace, "leaf_rule", lambda patterns=(): (
+            lambda m, q, inner=rule(patterns): not isinstance(m, SplitAttention) and inner(m, q)))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("kind", ["wide", "parallel", "factorized", "doped"])
+def test_convert_split_attention_block(traced_through, kind, sparsity, need_weights):
+    model = Block(io=True, need_weights=need_weights).eval()
+    assert split_attention(model) == ["attn"]
+    x = torch.randn(2, 8, 32)
+    gm = siftc.convert(model, kind, sparsity, (x,))
+    report = gm.siftc_info.report
+    rec = {r["name"]: r for r in report["layers"]}
+    assert all(rec[f"attn.{p}_proj"]["kind"] == kind for p in "qkv") and rec["attn.out_proj"]["kind"] == kind
+    assert abs(report["flop_ratio"] - 1) <= 0.005
+    with torch.no_grad():
+        assert gm.eval()(x).shape == model(x).shape == (2, 8, 3)
+    if kind == "wide":  # the residual stream and the MLP widen; heads x head_dim keep their width
+        groups = {m: g for g in report["groups"] for m in g["members"]}
+        assert groups["ln:d0"]["widened"] and groups["ln:d0"]["new_width"] == solve.wide_width(32, sparsity)
+        assert groups["fc1:out"]["widened"]
+        assert not groups["attn.q_proj:out"]["widened"] and "heads" in groups["attn.q_proj:out"]["fixed"]
