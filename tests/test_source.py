@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import siftc
-from siftc import artifact, source, store
+from siftc import source, store
 from siftc.errors import ModelLoadError, UsageError
 
 from conftest import ROOT, spec_path
