@@ -194,21 +194,20 @@ class ConcreteAttribute(ConcreteProxy, torch.fx.proxy.Attribute):
 class ConcreteTracer(torch.fx.Tracer):
     """fx tracer whose proxies carry fake values with symbolic sizes (see the module docstring)."""
 
-    def __init__(self, inputs: dict, is_leaf=None, symbolic: bool = True, example: dict | None = None):
+    def __init__(self, inputs: dict, is_leaf=None, example: dict | None = None):
         super().__init__(autowrap_functions=())
         self.proxy_buffer_attributes = True  # a buffer sliced by a size (`bias[:, :, :T, :T]`) stays in the graph
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
         self.shape_env = ShapeEnv(duck_shape=False)
-        self.fake_mode = FakeTensorMode(shape_env=self.shape_env if symbolic else None, allow_non_fake_inputs=True)
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.values: dict = {}
         self.is_leaf = is_leaf
         self.inputs, self.symbols = {}, {}
         for name, t in inputs.items():
             if isinstance(t, torch.Tensor):
                 ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
-                fake = self.fake_mode.from_tensor(t, symbolic_context=ctx) if symbolic else \
-                    self.fake_mode.from_tensor(t, static_shapes=True)
+                fake = self.fake_mode.from_tensor(t, symbolic_context=ctx)
                 for d, s in enumerate(fake.shape):
                     if isinstance(s, torch.SymInt):
                         self.symbols[str(s.node.expr)] = (name, d)
