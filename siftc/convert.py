@@ -12,9 +12,10 @@ from torch import nn
 from siftc import flops
 from siftc.config import ConvertConfig
 from siftc.errors import UsageError
+from siftc.nn.attention import split_attention
 from siftc.passes import KINDS
 from siftc.source import Source
-from siftc.trace import trace
+from siftc.trace import kept_whole, trace
 
 FLOP_TOLERANCE = 0.005  # whole-model weight FLOPs must equal the dense model's within 0.5%
 
@@ -33,6 +34,9 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
     """Convert a copy of `model` (the user's model is left untouched). The converted model takes the
     example's inputs in the graph's placeholder order (also by name)."""
     model = copy.deepcopy(model)
+    if not isinstance(model, torch.fx.GraphModule):  # a GraphModule is used as given
+        # every supported nn.MultiheadAttention the trace enters as four Linear layers the kinds transform
+        split_attention(model, keep=kept_whole(model, cfg.leaf))
     with flops.counting(model) as dense:  # the dense count rides on trace's shape propagation
         traced = trace(model, example_inputs, cfg.leaf)  # says plainly when the inputs do not fit the model
     gm, example_inputs = traced.gm, traced.inputs

@@ -21,6 +21,7 @@ from siftc.concrete_trace import (DataDependent, Guards, add_input_guard, concre
                                   restore_training)
 from siftc.errors import TraceError, UsageError
 from siftc.layers import layer_type
+from siftc.nn.attention import SplitAttention
 
 _TORCH = Path(torch.__file__).resolve().parent  # frames in here (or siftc) are not the user's line
 _SIFTC = Path(__file__).resolve().parent
@@ -55,12 +56,27 @@ class Traced:
 
 def leaf_rule(patterns: tuple[str, ...] = ()):
     """is_leaf(module, qualname): siftc's own layers, the layer table's weight layers (HF's Conv1D),
-    and modules whose qualified name or class name matches one of `patterns` (fnmatch)."""
+    and modules whose qualified name or class name matches one of `patterns` (fnmatch). SplitAttention
+    is traced through (its q/k/v/out Linear layers are the weight layers), unless a pattern names it."""
     def is_leaf(m: nn.Module, qualname: str) -> bool:
-        if m.__module__.startswith("siftc.nn") or layer_type(m) is not None:
-            return True
-        return any(fnmatch.fnmatchcase(qualname, p) or fnmatch.fnmatchcase(type(m).__name__, p) for p in patterns)
+        own = m.__module__.startswith("siftc.nn") and not isinstance(m, SplitAttention)
+        return own or layer_type(m) is not None or matches(patterns, m, qualname)
     return is_leaf
+
+
+def matches(patterns: tuple[str, ...], m: nn.Module, qualname: str) -> bool:
+    """True if `m`'s qualified name or class name matches one of the `--leaf` patterns (fnmatch)."""
+    return any(fnmatch.fnmatchcase(qualname, p) or fnmatch.fnmatchcase(type(m).__name__, p) for p in patterns)
+
+
+def kept_whole(model: nn.Module, patterns: tuple[str, ...] = ()):
+    """keep(name, module): True for a module tracing keeps whole, one it matches a `--leaf` pattern or
+    sits inside a leaf (a torch.nn layer such as nn.TransformerEncoderLayer runs as one module). For
+    `split_attention`: an attention the trace never enters stays as its parent expects it."""
+    tracer, containers = Tracer(leaf_rule(patterns)), (nn.ModuleList, nn.ModuleDict)  # never called
+    inside = tuple(f"{n}." for n, m in model.named_modules()
+                   if n and not isinstance(m, containers) and tracer.is_leaf_module(m, n))
+    return lambda name, m: matches(patterns, m, name) or name.startswith(inside)
 
 
 def trace(model: nn.Module, example_inputs, leaves: tuple[str, ...] = ()) -> Traced:
@@ -70,8 +86,7 @@ def trace(model: nn.Module, example_inputs, leaves: tuple[str, ...] = ()) -> Tra
     meets a Python decision it cannot take, the concrete-shape tracer (`siftc.concrete_trace`), which
     takes shape decisions on the example and guards them. A GraphModule is used as given."""
     for p in leaves:
-        if not any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(type(m).__name__, p)
-                   for n, m in model.named_modules()):
+        if not any(matches((p,), m, n) for n, m in model.named_modules()):
             raise UsageError(f"--leaf {p!r} matches no module of {type(model).__name__}; name a module path "
                              f"(e.g. {next(iter(n for n, _ in model.named_children()), 'encoder')}.*) or a class name")
     inputs = bind_inputs(model, example_inputs)

@@ -226,30 +226,40 @@ def test_onnx_export_runs_on_onnxruntime(tmp_path, need_weights):
         torch.testing.assert_close(torch.from_numpy(got), model(*inputs), atol=1e-5, rtol=1e-5)
 
 
-# ---- conversion: every kind transforms the projections, iso-FLOP; wide widens the residual stream ----
-@pytest.fixture
-def traced_through(monkeypatch):
-    """siftc.trace.leaf_rule keeps every siftc.nn module a leaf, SplitAttention included, which would
-    hide its Linear layers; until that rule traces through SplitAttention, the tests make it do so
-    (a no-op once it does)."""
-    import siftc.trace
-    rule = siftc.trace.leaf_rule
-    if rule()(SplitAttention(4, 1), "attn"):
-        monkeypatch.setattr(siftc.trace, "leaf_rule", lambda patterns=(): (
-            lambda m, q, inner=rule(patterns): not isinstance(m, SplitAttention) and inner(m, q)))
+# ---- conversion: siftc.convert splits MHA; every kind transforms the projections, iso-FLOP ----------
+class Encoder(nn.Module):
+    """Linear in, a plain nn.MultiheadAttention (either batch layout), an MLP, Linear out: a model as a
+    user writes it, converted without calling split_attention first."""
+
+    def __init__(self, batch_first=True, d=32, heads=4):
+        super().__init__()
+        self.inp, self.head = nn.Linear(12, d), nn.Linear(d, 3)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.ln = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):                                    # (B, T, 12), or (T, B, 12) if not batch_first
+        h = self.inp(x)
+        h = self.ln(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def _projections_transformed(report, kind):
+    rec = {r["name"]: r for r in report["layers"]}
+    return all(rec[f"attn.{p}_proj"]["kind"] == kind for p in ("q", "k", "v", "out"))
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
 @pytest.mark.parametrize("kind", ["wide", "parallel", "factorized", "doped"])
-def test_convert_split_attention_block(traced_through, kind, sparsity, need_weights):
+def test_convert_splits_attention_of_a_block(kind, sparsity, need_weights):
     model = Block(io=True, need_weights=need_weights).eval()
-    assert split_attention(model) == ["attn"]
     x = torch.randn(2, 8, 32)
     gm = siftc.convert(model, kind, sparsity, (x,))
+    assert type(model.attn) is nn.MultiheadAttention  # the user's model is left as it was
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in gm.modules())  # traced through its split
     report = gm.siftc_info.report
-    rec = {r["name"]: r for r in report["layers"]}
-    assert all(rec[f"attn.{p}_proj"]["kind"] == kind for p in "qkv") and rec["attn.out_proj"]["kind"] == kind
+    assert _projections_transformed(report, kind)
     assert abs(report["flop_ratio"] - 1) <= 0.005
     with torch.no_grad():
         assert gm.eval()(x).shape == model(x).shape == (2, 8, 3)
@@ -258,3 +268,56 @@ def test_convert_split_attention_block(traced_through, kind, sparsity, need_weig
         assert groups["ln:d0"]["widened"] and groups["ln:d0"]["new_width"] == solve.wide_width(32, sparsity)
         assert groups["fc1:out"]["widened"]
         assert not groups["attn.q_proj:out"]["widened"] and "heads" in groups["attn.q_proj:out"]["fixed"]
+
+
+def test_dense_flops_count_the_projections():
+    model = Block(io=True).eval()
+    x = torch.randn(2, 8, 32)
+    report = siftc.convert(model, "parallel", 0.5, (x,)).siftc_info.report
+    tokens, d = 2 * 8, 32
+    linears = d * d + 4 * d * d + 4 * d * d + 4 * d * d + d * 3  # inp, q/k/v/out, fc1, fc2, head
+    assert report["dense_flops"] == 2 * tokens * linears
+
+
+def test_a_leaf_pattern_keeps_an_attention_packed():
+    model = Block(io=True).eval()
+    gm = siftc.convert(model, "parallel", 0.5, (torch.randn(2, 8, 32),), leaf=("MultiheadAttention",))
+    assert type(gm.get_submodule("attn")) is nn.MultiheadAttention
+    assert {r["name"]: r for r in gm.siftc_info.report["layers"]}["attn"]["kind"] == "skipped"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_inside_a_torch_layer_stays_as_its_layer_expects(batch_first):
+    """nn.TransformerEncoderLayer is a leaf (it runs as one module) and reads its self_attn's MHA
+    attributes (in_proj_bias) on its eval fast path: its MHA is not split."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first),
+                          nn.Linear(32, 32), nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    gm = siftc.convert(model, "parallel", 0.5, (x,))
+    assert type(gm.get_submodule("1").self_attn) is nn.MultiheadAttention
+    with torch.no_grad():
+        assert gm.eval()(x).shape == (2, 5, 3)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["wide", "parallel", "factorized", "doped"])
+def test_plain_mha_model_converts_at_high_sparsity_and_exports(tmp_path, kind, batch_first):
+    from siftc import export as ex
+    from siftc.source import make_inputs
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Encoder(batch_first).eval()
+    x = torch.randn((2, 6, 12) if batch_first else (6, 2, 12))
+    gm = siftc.convert(model, kind, 0.9, (x,))
+    report = gm.siftc_info.report
+    assert _projections_transformed(report, kind)
+    assert abs(report["flop_ratio"] - 1) <= 0.005
+    with torch.no_grad():
+        assert gm.eval()(x).shape == model(x).shape == x.shape[:2] + (3,)
+    done = ex.export(gm, tmp_path / "m.onnx", batch=x.shape[0])  # dim 0: the batch, or the sequence
+    assert done.meta["checks"]["sparsity"] == "passed"
+    inputs = make_inputs(gm.siftc_info.example_inputs, x.shape[0], seed=5)
+    sess = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), gm.eval()(*inputs), atol=ex.ATOL, rtol=ex.RTOL)

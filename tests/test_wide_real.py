@@ -155,11 +155,18 @@ def test_kinds_that_keep_the_dense_weights_transpose_conv1d_correctly(hf, kind):
         torch.testing.assert_close(_run(gm.eval(), inputs), _run(model, inputs), atol=1e-5, rtol=1e-5)
 
 
-# ---- nn.MultiheadAttention: left as is, its widths kept, said so ---------------------------------------
+# ---- nn.MultiheadAttention that cannot be split: left as is, its widths kept, said so --------------------
+def _unsplittable(need_weights=False):
+    """AttentionBlock with an MHA siftc.nn.attention.unsupported refuses (add_bias_kv): it stays packed."""
+    model = AttentionBlock(need_weights)
+    model.attn = nn.MultiheadAttention(32, 4, batch_first=True, add_bias_kv=True)
+    return model
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("kind", ["wide", "parallel", "factorized", "doped"])
 def test_multihead_attention_is_skipped_with_its_reason(kind, need_weights):
-    model = AttentionBlock(need_weights).eval()
+    model = _unsplittable(need_weights).eval()
     x, = model.inputs()
     gm = siftc.convert(model, kind, 0.75, (x,))
     report = gm.siftc_info.report
@@ -178,7 +185,7 @@ def test_multihead_attention_is_skipped_with_its_reason(kind, need_weights):
 
 
 def test_multihead_attention_is_an_error_with_strict():
-    model = AttentionBlock()
+    model = _unsplittable()
     with pytest.raises(UsageError, match="--strict: cannot transform attn"):
         siftc.convert(model, "parallel", 0.5, model.inputs(), strict=True)
 

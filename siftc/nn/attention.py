@@ -1,9 +1,11 @@
 """nn.MultiheadAttention as four Linear layers, so every kind can transform its projections.
 
 MHA packs q/k/v into one parameter (`in_proj_weight`) and runs them inside
-F.multi_head_attention_forward, so siftc leaves it as is (`siftc.layers.PackedAttention`). SplitAttention
-computes the same thing from `q_proj`, `k_proj`, `v_proj` and `out_proj` (nn.Linear) and a head split
-written `x.view(B, T, heads, head_dim)`, which the width rules read as heads x head_dim:
+F.multi_head_attention_forward, where no kind can reach them (`siftc.layers.PackedAttention`).
+SplitAttention computes the same thing from `q_proj`, `k_proj`, `v_proj` and `out_proj` (nn.Linear) and
+a head split written `x.view(B, T, heads, head_dim)`, which the width rules read as heads x head_dim.
+`siftc.convert` splits every supported MHA of its copy of the model before tracing, and the tracer
+traces through SplitAttention (`siftc.trace.leaf_rule`):
 
     before   attn = nn.MultiheadAttention(32, 4, batch_first=True)           attn(x, x, x) -> (y, w)
     after    split_attention(model)   # attn is SplitAttention, attn.q_proj is nn.Linear(32, 32), ...
@@ -133,10 +135,11 @@ def unsupported(mha: nn.MultiheadAttention) -> str | None:
     return None
 
 
-def split_attention(model: nn.Module) -> list[str]:
+def split_attention(model: nn.Module, keep=None) -> list[str]:
     """Replace, in place, every supported nn.MultiheadAttention under `model` by a SplitAttention with
     its weights, device, dtype and mode; return the replaced modules' names (all names of a module
-    shared by several parents). Unsupported ones (`unsupported`) and `model` itself are left as they are.
+    shared by several parents). Unsupported ones (`unsupported`), those `keep(name, mha)` is true for
+    (the `--leaf` patterns) and `model` itself are left as they are.
 
         >>> split_attention(block)        # block.attn was nn.MultiheadAttention(32, 4)
         ['attn']                          # block.attn is SplitAttention; block.attn.q_proj is nn.Linear
@@ -144,11 +147,13 @@ def split_attention(model: nn.Module) -> list[str]:
     made, names = {}, []
     for name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):
-            if isinstance(child, nn.MultiheadAttention) and unsupported(child) is None:
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.MultiheadAttention) and unsupported(child) is None and \
+                    not (keep and keep(full, child)):
                 if id(child) not in made:  # one MHA under two parents stays one module
                     made[id(child)] = SplitAttention.from_mha(child)
                 setattr(parent, child_name, made[id(child)])
             elif child not in made.values():  # a replacement met again under a second parent's name
                 continue
-            names.append(f"{name}.{child_name}" if name else child_name)
+            names.append(full)
     return names
