@@ -2,7 +2,8 @@
 
     RUN/run.json        the run's settings, its id, and digests of the artifact and data it started from
     RUN/checkpoint.pt   the last checkpoint: model (weights + masks), optimizer, scheduler, step, every
-                        rank's RNG state, and how far metrics.jsonl had got; replaced atomically
+                        rank's RNG state and `--backend auto` choices, and how far metrics.jsonl had
+                        got; replaced atomically
     RUN/metrics.jsonl   one JSON record per line (train loss, evaluations, mask updates)
     RUN/loss.png, RUN/summary.json, RUN/model/  written at the end (model/ is a siftc artifact)
 
@@ -25,7 +26,8 @@ RUN_FORMAT = "siftc-run"
 CKPT_FORMAT = "siftc-checkpoint"
 VERSION = 1
 # What a checkpoint holds (siftc.train.loop._checkpoint writes them, _restore reads them).
-KEYS = ("run_id", "step", "model", "optimizer", "scheduler", "rng", "metrics_offset", "elapsed")
+KEYS = ("run_id", "step", "model", "optimizer", "scheduler", "rng", "auto_choices", "metrics_offset",
+        "elapsed")
 
 
 def artifact_digest(artifact) -> str:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import siftc
 from siftc.errors import UsageError
 from siftc.nn.sparse import set_backend
+from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
 from siftc.artifact import FORMAT as ARTIFACT
 from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_file, write_json
@@ -29,6 +30,8 @@ from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.flops import training_flops
+
+AUTO = BACKENDS["auto"]  # its per-layer choices are checkpointed: a resumed run keeps them
 
 
 def prepare(cfg: TrainConfig):
@@ -305,17 +308,19 @@ class _Metrics:
 
 
 def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world, lead):
-    rng = torch.get_rng_state()
+    # Per rank: its RNG and the auto backend's choices (each rank timed its own; empty on other backends).
+    mine = (torch.get_rng_state(), AUTO.choices_of(model))
     if world > 1:
         states = [None] * world
-        dist.all_gather_object(states, rng)
+        dist.all_gather_object(states, mine)
     else:
-        states = [rng]
+        states = [mine]
     if lead:
         log.sync()
         checkpoint.save(out, {"run_id": run_id, "step": step, "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                              "rng": states, "metrics_offset": log.tell(), "elapsed": elapsed})
+                              "rng": [rng for rng, _ in states], "auto_choices": [c for _, c in states],
+                              "metrics_offset": log.tell(), "elapsed": elapsed})
 
 
 def _fits(model, state, out):
@@ -332,6 +337,11 @@ def _restore(model, optimizer, sched, state, rank, out):
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"][rank])
+    try:  # last: at the masks as loaded, so the layers run on the backends they ran on, timing nothing
+        AUTO.restore(model, state["auto_choices"][rank])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{out / 'checkpoint.pt'}: its auto-backend choices do not fit this run's model "
+                         f"({e}); delete it to restart from step 0") from e
 
 
 def _check_ranks_agree(model):
