@@ -171,7 +171,7 @@ def _sidecar(src: LoadedModel, masks, folded, in_names, out_names, batch, opset,
     for name, mod in folded.named_modules():
         if layers_table.counted(mod):
             rec = per_weight.get(name)
-            layers.append({"name": name, "type": type(mod).__name__, "shape": list(mod.weight.shape),
+            layers.append({"name": name, "type": type(mod).__name__, "shape": list(layers_table.shape(mod)),
                            "density": rec["density"] if rec else 1.0,
                            "initializer": rec["initializer"] if rec else None,
                            "flops": fc.layers.get(name, 0)})

@@ -15,14 +15,14 @@ import torch.fx
 from torch import nn
 
 from siftc import layers
+from siftc.nn.sparse import SPARSE_LAYERS
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def nonzeros(layer: nn.Module) -> int:
-    """Weights a layer multiplies by: its mask's count if it has one, else the whole weight."""
-    mask = getattr(layer, "mask", None)
-    return int(mask.count_nonzero()) if mask is not None else layer.weight.numel()
+    """Weights a layer multiplies by: a sparse layer's non-zeros, else the whole weight."""
+    return layer.nnz if isinstance(layer, SPARSE_LAYERS) else layer.weight.numel()
 
 
 def positions(layer: nn.Module, out_shape) -> int:
@@ -32,7 +32,7 @@ def positions(layer: nn.Module, out_shape) -> int:
 
 def layer_flops(layer: nn.Module, pos: int, dense: bool = False) -> int:
     """2 x the weights `layer` multiplies by (all of them if `dense`) x its `pos` output positions."""
-    return 2 * (layer.weight.numel() if dense else nonzeros(layer)) * pos
+    return 2 * (math.prod(layers.shape(layer)) if dense else nonzeros(layer)) * pos
 
 
 def module_flops(module: nn.Module, pos: int) -> int:

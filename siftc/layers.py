@@ -19,7 +19,13 @@ import math
 import torch
 from torch import nn
 
+from siftc.nn.sparse import SPARSE_LAYERS as SPARSE
 from siftc.nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
+
+
+def shape(m: nn.Module) -> tuple[int, ...]:
+    """`m`'s weight shape; a sparse layer's dense shape without materialising its weight."""
+    return m.weight_shape if isinstance(m, SPARSE) else tuple(m.weight.shape)
 
 
 def depthwise(m: nn.Module) -> bool:
@@ -49,11 +55,11 @@ class LayerType:
 
     def dense_shape(self, m) -> list[int]:
         """Its weight's shape, as records print it."""
-        return list(m.weight.shape)
+        return list(shape(m))
 
     def weight_count(self, m) -> int:
         """Its weights (a record's search space when it is left as is)."""
-        return m.weight.numel()
+        return math.prod(shape(m))
 
     def norm(self, width: int) -> nn.Module | None:
         """The norm of g after this layer in a branch (none after a linear layer)."""
@@ -114,9 +120,8 @@ class TransposedLinear(Linear):
 
     @torch.no_grad()
     def _init(self, layer):
-        """Conv1D's init on a torch-layout layer, inside its mask if it has one."""
-        mask = getattr(layer, "mask", torch.ones_like(layer.weight, dtype=torch.bool))
-        layer.weight.zero_().masked_scatter_(mask, torch.empty(int(mask.sum())).normal_(0, self.STD))
+        """Conv1D's init on a torch-layout layer (a sparse one's non-zeros only)."""
+        (layer.values if isinstance(layer, SPARSE) else layer.weight).normal_(0, self.STD)
         if layer.bias is not None:
             layer.bias.zero_()
         return layer
@@ -132,7 +137,7 @@ class Conv(Linear):
         self.dense_cls, self.sparse_cls, self.norm_cls = dense_cls, sparse_cls, norm_cls
 
     def fan_in_out(self, m) -> tuple[int, int]:
-        return m.weight[0].numel(), m.out_channels
+        return math.prod(shape(m)[1:]), m.out_channels
 
     def out_channels(self, m) -> int:
         return m.out_channels

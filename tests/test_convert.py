@@ -65,15 +65,17 @@ def test_example_converts_iso_flop_and_trains(spec, kind, sparsity, tmp_path):
         shape = solve.SOLVERS[kind](*fan_in_out(dense_layer), sparsity)
         assert r["density"] == pytest.approx(shape.density)
 
-    # Masked weights are exactly zero after an optimizer step, and stay out of the update.
+    # A sparse layer's only weight is its non-zeros: gradients and optimizer state are nnz-sized, and
+    # its dense weight stays exactly zero outside the mask after an optimizer step.
     gm.train()
     opt = torch.optim.AdamW(gm.parameters(), lr=1e-2, weight_decay=0.1)
     _loss(gm(*inputs)).backward()
     opt.step()
     for m in gm.modules():
         if isinstance(m, SPARSE_LAYERS):
-            assert not m.weight[~m.mask].any()
-            assert m.weight.grad is None or not m.weight.grad[~m.mask].any()
+            assert {n for n, _ in m.named_parameters(recurse=False)} <= {"values", "bias"}
+            assert m.values.grad.shape == opt.state[m.values]["exp_avg"].shape == (m.nnz,)
+            assert not m.weight[~m.mask].any() and int(m.mask.sum()) == m.nnz
 
     # Save / load round trip gives the same outputs.
     siftc.save(gm, tmp_path / "art")

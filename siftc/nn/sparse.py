@@ -1,12 +1,17 @@
 """Sparse Linear, Conv2d and Conv1d: the only layers whose weights siftc masks.
 
-A layer holds a dense `weight` Parameter and a boolean `mask` buffer of the same shape. Weights outside
-the mask are exactly zero and get no gradient, whatever the backend. The arithmetic is delegated to a
-runtime backend (`siftc.runtime.BACKENDS[layer.backend]`, chosen with `set_backend`): "torch" is masked
-dense, the reference.
+A layer holds only its non-zeros: a `values` Parameter of length nnz and a `positions` buffer (int32,
+their flat row-major indices into the dense weight, ascending), plus its bias. Optimizers, checkpoints
+and DDP therefore see nnz-sized tensors, whatever the widened shape. The dense `weight` (exact zeros
+outside the mask) and the boolean `mask` are derived on demand, for export, inspection and the
+masked-dense reference backend; `weight` is differentiable with respect to `values`. The arithmetic is
+delegated to a runtime backend (`siftc.runtime.BACKENDS[layer.backend]`, chosen with `set_backend`):
+"torch" is masked dense, the reference.
 
-Masks change only through `set_mask`, which bumps `mask_version` so a backend that caches index
-structures (CSR, per-layer timings) knows to rebuild them.
+Positions change only through `set_mask` / `set_positions`, which bump `mask_version` so a backend that
+caches index structures (CSR, per-layer timings) knows to rebuild them. A state dict holding a dense
+`weight` (an artifact or checkpoint of the dense-shaped format, or a dense layer's weights) loads too: it
+is packed at its `mask` if it has one, else at the layer's positions.
 """
 import math
 
@@ -64,49 +69,123 @@ def _first_distinct(x: torch.Tensor) -> torch.Tensor:
     return values[first.argsort()]
 
 
+def random_positions(shape, nnz: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(nnz,) int32: `nnz` distinct flat positions of a weight of `shape`, ascending, uniformly random."""
+    numel = math.prod(shape)
+    if numel >= 1 << 31:
+        raise ValueError(f"a sparse weight of shape {tuple(shape)} has more than 2^31 entries")
+    return random_mask((numel,), nnz, generator).nonzero().squeeze(1).to(torch.int32)
+
+
 class _SparseMixin:
     backend: str = "torch"
 
-    def _init_mask(self, nnz: int | None, generator: torch.Generator | None):
-        nnz = self.weight.numel() if nnz is None else nnz
-        self.register_buffer("mask", random_mask(self.weight.shape, nnz, generator))
+    def _init_sparse(self, nnz: int | None, generator: torch.Generator | None):
+        """After the base __init__ ran on the meta device: drop its dense weight, hold values + positions."""
+        self.weight_shape = tuple(self._parameters.pop("weight").shape)
+        numel = math.prod(self.weight_shape)
+        nnz = numel if nnz is None else nnz
+        self.register_buffer("positions", random_positions(self.weight_shape, nnz, generator))
+        self.values = nn.Parameter(torch.empty(nnz))
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.empty(self.bias.shape))
         self.mask_version = 0
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
         """nn.Linear's and nn.Conv2d's own init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
-        (kaiming_uniform_ with a=sqrt(5)), drawn only where the mask is on: at 90% sparsity a tenth of
-        the random numbers. The base __init__ calls this before the mask exists; `_init_mask` again."""
-        if "mask" not in self._buffers:
+        (kaiming_uniform_ with a=sqrt(5)), drawn only for the non-zeros: at 90% sparsity a tenth of the
+        random numbers. The base __init__ calls this before the values exist; `_init_sparse` again."""
+        if "values" not in self._parameters:
             return
-        fan_in = self.weight[0].numel()
+        fan_in = math.prod(self.weight_shape[1:])
         bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
-        self.weight.zero_()
-        self.weight.masked_scatter_(self.mask, torch.empty(self.nnz).uniform_(-bound, bound))
+        self.values.uniform_(-bound, bound)
         if self.bias is not None:
             self.bias.uniform_(-bound, bound)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, zero outside the mask, materialised now (differentiable in `values`)."""
+        flat = self.values.new_zeros(math.prod(self.weight_shape))
+        return flat.index_put((self.positions.long(),), self.values).view(self.weight_shape)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The dense boolean mask, materialised now."""
+        flat = torch.zeros(math.prod(self.weight_shape), dtype=torch.bool, device=self.positions.device)
+        flat[self.positions.long()] = True
+        return flat.view(self.weight_shape)
+
+    @property
     def nnz(self) -> int:
-        return int(self.mask.count_nonzero())
+        return self.values.numel()
 
     @property
     def density(self) -> float:
-        return self.nnz / self.mask.numel()
+        numel = math.prod(self.weight_shape)
+        return self.nnz / numel if numel else 0.0
 
     @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor):
-        """Replace the mask; weights outside it become exactly zero."""
-        if mask.shape != self.weight.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
-        self.mask.copy_(mask.to(torch.bool))
-        self.weight.mul_(self.mask)
-        self.mask_version += 1
+    def set_weight(self, dense: torch.Tensor):
+        """Take `dense`'s entries at the current positions as the values (the rest of it is ignored).
+        `layer.weight` is a fresh tensor each time: writing into it changes nothing, this does."""
+        if tuple(dense.shape) != self.weight_shape:
+            raise ValueError(f"weight shape {tuple(dense.shape)} != {self.weight_shape}")
+        self.values.copy_(dense.reshape(-1)[self.positions.long()])
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.mask_version += 1  # a loaded mask is a new mask for any cached index structure
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move the non-zeros to `mask`'s True entries; see `set_positions` for what it returns."""
+        if tuple(mask.shape) != self.weight_shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {self.weight_shape}")
+        return self.set_positions(mask.reshape(-1).nonzero().squeeze(1))
+
+    @torch.no_grad()
+    def set_positions(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make `positions` (flat, ascending, distinct) the non-zeros. A position that was a non-zero
+        keeps its value, a new one starts at exactly zero. Returns (src, kept): new entry i was old entry
+        src[i] if kept[i], which is how per-parameter state (optimizer moments) follows the values.
+        With an unchanged count, `values` and `positions` are updated in place (an optimizer holding
+        `values` stays valid)."""
+        new = positions.to(device=self.positions.device, dtype=torch.long)
+        src, kept = match_positions(self.positions.long(), new)
+        values = torch.where(kept, self.values[src], 0) if self.nnz else self.values.new_zeros(new.numel())
+        if new.numel() == self.nnz:
+            self.positions.copy_(new)
+            self.values.copy_(values)
+        else:
+            self.positions = new.to(torch.int32)
+            self._parameters["values"] = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        self.mask_version += 1
+        return src, kept
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_shape"] = torch.tensor(self.weight_shape, dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        shape = state_dict.pop(prefix + "weight_shape", None)
+        if shape is not None and tuple(shape.tolist()) != self.weight_shape:
+            error_msgs.append(f"size mismatch for {prefix}weight: the checkpoint's dense shape is "
+                              f"{tuple(shape.tolist())}, this layer's {self.weight_shape}")
+            return
+        dense = state_dict.pop(prefix + "weight", None)
+        mask = state_dict.pop(prefix + "mask", None)
+        if dense is not None and prefix + "values" not in state_dict:  # dense-shaped: pack it
+            pos = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else self.positions.long()
+            state_dict[prefix + "values"] = dense.reshape(-1)[pos]
+            state_dict[prefix + "positions"] = pos.to(torch.int32)
+        values = state_dict.get(prefix + "values")
+        if values is not None and values.shape != self.values.shape:  # another count: take it
+            self._parameters["values"] = nn.Parameter(self.values.new_empty(values.shape),
+                                                      requires_grad=self.values.requires_grad)
+            self.positions = self.positions.new_empty(values.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.mask_version += 1  # loaded positions are a new mask for any cached index structure
 
     def extra_repr(self):
         return f"{super().extra_repr()}, density={self.density:.4f}, backend={self.backend}"
@@ -115,19 +194,29 @@ class _SparseMixin:
     def to_dense(self) -> nn.Module:
         """The plain layer (nn.Linear, nn.Conv1d, nn.Conv2d) with the mask folded in (exact zeros), for
         export."""
-        out = self._dense_twin()
-        out.weight.copy_(self.weight * self.mask)
+        out = self._dense_twin().to(self.values.dtype)
+        out.weight.copy_(self.weight)
         if self.bias is not None:
             out.bias.copy_(self.bias)
         return out
+
+
+def match_positions(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ascending flat positions `old` and `new`: (src, kept) with new[i] == old[src[i]] where
+    kept[i]; src is in range everywhere (0 where not kept)."""
+    if old.numel() == 0:
+        return torch.zeros_like(new), torch.zeros(new.shape, dtype=torch.bool, device=new.device)
+    src = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    kept = old[src] == new
+    return src.masked_fill_(~kept, 0), kept
 
 
 class SparseLinear(_SparseMixin, nn.Linear):
     """nn.Linear with a fixed-count random mask; `nnz` non-zeros (default: all)."""
 
     def __init__(self, in_features, out_features, bias=True, nnz=None, generator=None):
-        super().__init__(in_features, out_features, bias=bias)
-        self._init_mask(nnz, generator)
+        super().__init__(in_features, out_features, bias=bias, device="meta")
+        self._init_sparse(nnz, generator)
 
     def forward(self, x):  # (*, in) -> (*, out)
         return get_backend(self.backend).linear(self, x)
@@ -143,8 +232,8 @@ class _SparseConv(_SparseMixin):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  bias=True, nnz=None, generator=None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=1, bias=bias)
-        self._init_mask(nnz, generator)
+                         dilation=dilation, groups=1, bias=bias, device="meta")
+        self._init_sparse(nnz, generator)
 
     def _dense_twin(self):
         return self.dense_cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,

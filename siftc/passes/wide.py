@@ -21,6 +21,7 @@ from torch import nn
 
 from siftc import flops, layers, solve
 from siftc.errors import TraceError, UsageError
+from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
@@ -192,21 +193,29 @@ def _build(p: Plan, generator) -> nn.Module:
     return t.widened(m, new)
 
 
+def _tie(new: nn.Module, first: nn.Module):
+    """Make `new` share `first`'s weight: the Parameter of two dense layers, the values and positions of
+    two sparse ones. A dense and a sparse layer cannot share one tensor; they are left untied."""
+    if isinstance(new, SPARSE_LAYERS) and isinstance(first, SPARSE_LAYERS):
+        new.values, new.positions = first.values, first.positions
+    elif not isinstance(new, SPARSE_LAYERS) and not isinstance(first, SPARSE_LAYERS):
+        new.weight = first.weight
+
+
 @torch.no_grad()
 def _rebuild(gm, plans, generator):
-    replaced = {}  # id of an old weight Parameter -> its new Parameter (tied weights stay tied)
+    replaced = {}  # id of an old weight Parameter -> the first new module holding it (ties stay tied)
     for p in plans.values():
         if not p.new or (not p.changed and not p.sparse):
             continue
         new = _build(p, generator)
-        if not p.changed:  # sparse at the dense shape: keep the dense weights, masked
+        if not p.changed:  # sparse at the dense shape: keep the dense weights at its positions
             new.load_state_dict(layers.layer_type(p.module).torch_state(p.module), strict=False)
-            new.set_mask(new.mask.clone())
         old_w = getattr(p.module, "weight", None)
         if old_w is not None and id(old_w) in replaced:
-            new.weight = replaced[id(old_w)]
+            _tie(new, replaced[id(old_w)])
         elif old_w is not None:
-            replaced[id(old_w)] = new.weight
+            replaced[id(old_w)] = new
         new.train(p.module.training)
         replace_submodule(gm, p.name, new)
 

@@ -43,19 +43,19 @@ class AutoBackend:
         if key in records:
             return records[key]["choice"]
         record = {"ms": {}}
-        weight = layer.weight.detach().clone().requires_grad_()  # timing leaves layer.weight.grad alone
+        values = layer.values.detach().clone().requires_grad_()  # timing leaves layer.values.grad alone
         for name, backend in self.candidates.items():
             xin = x.detach().clone().requires_grad_(x.requires_grad)
 
             def step():
                 with torch.enable_grad():
-                    saved = layer.weight
+                    saved = layer.values
                     try:
-                        layer._parameters["weight"] = weight
+                        layer._parameters["values"] = values
                         y = getattr(backend, op)(layer, xin)
-                        grads = torch.autograd.grad(y.sum(), [weight] + ([xin] if xin.requires_grad else []))
+                        grads = torch.autograd.grad(y.sum(), [values] + ([xin] if xin.requires_grad else []))
                     finally:
-                        layer._parameters["weight"] = saved
+                        layer._parameters["values"] = saved
                     return grads
             try:
                 record["ms"][name] = 1e3 * _time(step, self.reps)

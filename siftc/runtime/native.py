@@ -40,7 +40,7 @@ def _pow2_floor(n: int) -> int:
 
 def supported(layer, x) -> bool:
     """True if the kernels take this call; otherwise the backend falls back to masked dense."""
-    w = layer.weight
+    w = layer.values
     return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype
             and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
             and x.numel() > 0)
@@ -63,7 +63,7 @@ class Native:
             self._index[layer] = entry
         key = (panel, transpose)
         if key not in entry:
-            kk = math.prod(layer.weight.shape[2:])  # 1 for a Linear
+            kk = math.prod(layer.weight_shape[2:])  # 1 for a Linear
             with torch.no_grad():
                 entry[key] = torch.ops.siftc.build_index(layer.mask.detach(), kk, panel, transpose)
         return entry[key]
@@ -77,7 +77,7 @@ class Native:
         if key not in entry:
             tptr, tcode, twidx = self.index(layer, tpanel, True)
             with torch.no_grad():  # forward position of each weight position, read at the transposed entries
-                where = torch.empty(layer.weight.numel(), dtype=torch.int32)
+                where = torch.empty(math.prod(layer.weight_shape), dtype=torch.int32)
                 where[fwd[2].long()] = torch.arange(fwd[2].numel(), dtype=torch.int32)
                 entry[key] = (tptr, tcode, where[twidx.long()])
         return fwd + entry[key] + fwd  # the weight gradient walks the forward index

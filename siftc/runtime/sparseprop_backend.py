@@ -1,9 +1,9 @@
 """The "sparseprop" backend: SparseProp's own kernels (the PyPI package), a peer to compare against.
 
-Optional. Each forward gathers the layer's masked weights into SparseProp's value array (a differentiable
-gather, so gradients land in `layer.weight`, zero outside the mask) and calls SparseProp's autograd
-Functions. Its index is built from the mask, not from non-zero values, so weights at zero inside the mask
-are kept, and is rebuilt when `layer.mask_version` changes.
+Optional. Each forward hands the layer's `values` to SparseProp's autograd Functions (a Linear's values
+are already in its CSR order; a conv's go through a differentiable gather into SparseProp's order), so
+gradients land in `layer.values`. Its index is built from the mask, not from non-zero values, so weights
+at zero inside the mask are kept, and is rebuilt when `layer.mask_version` changes.
 
 Known limits of the package: its convolutions give wrong results when the batch is not a multiple of 8
 (measured: max error ~1.1 at batch 12, 5 and 1, against 2e-7 at 16) and NaNs on grouped convolutions; it
@@ -59,10 +59,10 @@ class SparseProp:
         def build():
             mask = layer.mask.detach().float()
             _, idx = utils.to_csr_2d(mask)  # CSR of the mask: row-major order, the order of nonzero()
-            return layer.mask.flatten().nonzero().squeeze(1), idx
+            return None, idx
 
-        pos, idx = self._entry(layer, build)
-        vals = layer.weight.flatten()[pos]
+        _, idx = self._entry(layer, build)
+        vals = layer.values  # row-major: the CSR's order
         return _own(functions.SparseLinearFunction.apply(x, vals, idx, layer.bias, layer.out_features))
 
     def conv2d(self, layer, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
@@ -76,17 +76,21 @@ class SparseProp:
         if x.shape[0] % 8:
             raise UsageError(f"backend 'sparseprop' computes wrong convolutions when the batch is not a multiple "
                              f"of 8 (got batch {x.shape[0]}); use --backend native or a batch size like 64")
-        if layer.weight.numel() >= 1 << 24:
+        numel = layer.mask.numel()
+        if numel >= 1 << 24:
             raise UsageError(f"backend 'sparseprop': weight of {layer} too large to index exactly")
 
         def build():
             # encode each masked position as its flat index + 1, so SparseProp's value order tells positions
-            code = torch.arange(1, layer.weight.numel() + 1, dtype=torch.float32).view_as(layer.weight)
-            vals, idx = utils.to_sparse_format_conv2d(code * layer.mask)
-            return vals.long() - 1, idx
+            mask = layer.mask
+            code = torch.arange(1, numel + 1, dtype=torch.float32).view(mask.shape)
+            vals, idx = utils.to_sparse_format_conv2d(code * mask)
+            rank = torch.zeros(numel, dtype=torch.long)  # flat position -> its index in `values`
+            rank[layer.positions.long()] = torch.arange(layer.nnz)
+            return rank[vals.long() - 1], idx
 
-        pos, idx = self._entry(layer, build)
-        vals = layer.weight.flatten()[pos]
+        order, idx = self._entry(layer, build)
+        vals = layer.values[order]
         return _own(functions.SparseConvFunction.apply(x, vals, idx, layer.bias, layer.out_channels, kh,
                                                        layer.padding[0], layer.stride[0], False, False))
 

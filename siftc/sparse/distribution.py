@@ -33,7 +33,7 @@ def uniform(model: nn.Module, example_inputs=None) -> dict[str, int]:
 
 def _erk_score(layer: nn.Module) -> float:
     """(sum of dims) / (product of dims): out, in (and kh, kw for a conv)."""
-    dims = list(layer.weight.shape)
+    dims = list(layer.weight_shape)
     prod = 1
     for d in dims:
         prod *= d
@@ -48,7 +48,7 @@ def erk(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
     fc = flops.count(getattr(model, "module", model), example_inputs)
     pos = {name: fc.positions.get(name, 0) for name in layers}
     budget = sum(layer.nnz * pos[name] for name, layer in layers.items())  # MACs of one forward
-    numel = {name: layer.weight.numel() for name, layer in layers.items()}
+    numel = {name: math.prod(layer.weight_shape) for name, layer in layers.items()}
     score = {name: _erk_score(layer) for name, layer in layers.items()}
     dense: set[str] = set()
     while True:
@@ -95,9 +95,10 @@ def apply(model: nn.Module, counts: dict[str, int], generator: torch.Generator |
     for name, layer in sparse_layers(model).items():
         if counts[name] == layer.nnz:
             continue
-        mask = random_mask(layer.weight.shape, counts[name], generator)
-        new = mask & ~layer.mask
-        bound = 1 / math.sqrt(layer.weight[0].numel())  # fan_in = in * kh * kw
-        fresh = (torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound
-        layer.weight[new] = fresh[new].to(layer.weight.dtype)
-        layer.set_mask(mask)
+        shape = layer.weight_shape
+        mask = random_mask(shape, counts[name], generator)
+        bound = 1 / math.sqrt(math.prod(shape[1:]))  # fan_in = in * kh * kw
+        fresh = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        _, kept = layer.set_mask(mask)
+        new = layer.positions.long()[~kept]
+        layer.values[~kept] = fresh.reshape(-1)[new].to(layer.values.dtype)

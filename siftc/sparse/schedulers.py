@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from siftc import layers
 from siftc.errors import UsageError
 from siftc.sparse.distribution import sparse_layers
 
@@ -95,8 +96,6 @@ class Static:
     def step(self) -> dict | None:
         """Call once per training step, after `optimizer.step()`. Returns a record on update steps."""
         self.t += 1
-        for layer in self.layers.values():
-            layer.weight.mul_(layer.mask)  # pruned weights stay exactly zero, whatever the optimizer did
         record = self._update(self.t) if self.is_update_step(self.t) else None
         self._arm(self.is_update_step(self.t + 1))
         return record
@@ -112,9 +111,10 @@ class Static:
                 continue
             mask, moved = self._swap(layer, k, scores.get(name))
             self._sync(mask, moved)
-            layer.weight[moved & mask] = 0  # regrown weights (even one dropped and regrown) start at zero
-            layer.set_mask(mask)            # dropped weights become exactly zero
-            self._reset_optimizer_state(layer.weight, moved)
+            src, kept = layer.set_mask(mask)  # dropped weights leave; grown ones start at zero
+            kept &= ~moved.reshape(-1)[layer.positions.long()]  # so does one dropped and regrown
+            layer.values[~kept] = 0
+            self._repack_optimizer_state(layer.values, src, kept)
         self._dense_grad.clear()
         self.updates += 1
         return {"step": t, "drop_fraction": frac, "changed": changed}
@@ -123,7 +123,8 @@ class Static:
         """Drop the k smallest-magnitude active weights, regrow k inactive ones. Returns (new mask,
         positions dropped or grown)."""
         mask = layer.mask.reshape(-1)
-        magnitude = layer.weight.detach().abs().reshape(-1).masked_fill(~mask, math.inf)
+        magnitude = torch.full(mask.shape, math.inf, dtype=layer.values.dtype)
+        magnitude[layer.positions.long()] = layer.values.detach().abs()
         drop = torch.topk(magnitude, k, largest=False).indices
         kept = mask.clone()
         kept[drop] = False
@@ -151,13 +152,14 @@ class Static:
                 dist.broadcast(as_bytes, src=0)
                 mask.copy_(as_bytes.bool())
 
-    def _reset_optimizer_state(self, param: torch.Tensor, where: torch.Tensor):
-        """Zero momentum / Adam moments of dropped and regrown positions."""
+    def _repack_optimizer_state(self, param: torch.Tensor, src: torch.Tensor, kept: torch.Tensor):
+        """Per-parameter optimizer state (momentum, Adam's moments) follows the values to their new
+        entries (`set_positions`' src, kept); regrown entries start at zero."""
         if self.optimizer is None:
             return
         for value in self.optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value[where] = 0
+                value.copy_(torch.where(kept, value[src], 0))
 
     # -- RigL's dense gradient, on update steps only ----------------------------------------------
     def _arm(self, on: bool):
@@ -234,10 +236,10 @@ class RigL(Static):
 
 def dense_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """dL/dW at every position (not only the non-zeros) from the layer's input x and output grad g."""
-    if isinstance(layer, nn.Conv2d):
-        return torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, stride=layer.stride,
-                                           padding=layer.padding, dilation=layer.dilation,
-                                           groups=layer.groups)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        conv_weight = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+        return conv_weight(x, layers.shape(layer), g, stride=layer.stride, padding=layer.padding,
+                           dilation=layer.dilation, groups=layer.groups)
     g2 = g.reshape(-1, g.shape[-1])   # (N, out)
     x2 = x.reshape(-1, x.shape[-1])   # (N, in)
     return g2.t() @ x2                 # (out, in)
