@@ -40,6 +40,8 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
+from siftc.value_rules import FUNCTION_RULES, call_with_rule, module_rule
+
 _TORCH = Path(torch.__file__).resolve().parent
 _SIFTC = Path(__file__).resolve().parent
 # Tensor attributes that are properties of the tensor's type, not of its data or shape: read directly.
@@ -311,13 +313,8 @@ class ConcreteTracer(torch.fx.Tracer):
         before = len(self.shape_env.guards)
         try:
             self._computing = True
-            with self.fake_mode, _eval_for_value(self.root, target if kind == "call_module" else None):
-                if kind == "call_function":
-                    out = target(*vargs, **vkwargs)
-                elif kind == "call_method":
-                    out = getattr(vargs[0], target)(*vargs[1:], **vkwargs)
-                else:
-                    out = self.root.get_submodule(target)(*vargs, **vkwargs)
+            with self.fake_mode:
+                out = self._dispatch(kind, target, vargs, vkwargs)
         except Exception as e:
             if _data_dependent(e):
                 raise DataDependent(f"{_op_name(kind, target)} needs tensor values", self._user_line()[0],
@@ -327,6 +324,21 @@ class ConcreteTracer(torch.fx.Tracer):
             self._computing = False
         if python_level:  # shape arithmetic in Python that decided something (a tuple ==, a min())
             self._record_new_guards(before, "bool")
+        return out
+
+    def _dispatch(self, kind, target, args, kwargs):
+        """The value of one call on fake values: by a rule of `siftc.value_rules` where one applies
+        (a layer's output is one empty tensor of a known shape), else by running it."""
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_function":
+            return FUNCTION_RULES.get(target, target)(*args, **kwargs)
+        mod = self.root.get_submodule(target)
+        rule = module_rule(mod)
+        out = call_with_rule(mod, rule, args, kwargs) if rule else None
+        if out is None:
+            with _eval_for_value(mod):
+                out = mod(*args, **kwargs)
         return out
 
     def concretize(self, proxy, fn, kind):
@@ -457,14 +469,10 @@ def _data_dependent(e: Exception) -> bool:
 
 
 @contextlib.contextmanager
-def _eval_for_value(root: nn.Module, target: str | None):
+def _eval_for_value(mod: nn.Module):
     """A leaf module's value is computed in eval mode (a BatchNorm of batch 1 in training mode would
     refuse, and running statistics must not move); the graph keeps the module, so the mode is its own
     at run time."""
-    if target is None:
-        yield
-        return
-    mod = root.get_submodule(target)
     modes = [(m, m.training) for m in mod.modules()]
     mod.eval()
     try:
