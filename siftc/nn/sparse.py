@@ -74,7 +74,27 @@ def random_positions(shape, nnz: int, generator: torch.Generator | None = None) 
     numel = math.prod(shape)
     if numel >= 1 << 31:
         raise ValueError(f"a sparse weight of shape {tuple(shape)} has more than 2^31 entries")
-    return random_mask((numel,), nnz, generator).nonzero().squeeze(1).to(torch.int32)
+    if not 0 <= nnz <= numel:
+        raise ValueError(f"nnz={nnz} must be in [0, {numel}] for a weight of shape {tuple(shape)}")
+    if numel > BIG_MASK and 8 * nnz < numel:  # draw the positions themselves, not a numel-byte mask
+        return _draw_distinct(numel, nnz, generator).to(torch.int32)
+    return _random_subset(numel, nnz, generator).nonzero().squeeze(1).to(torch.int32)
+
+
+BIG_MASK = 1 << 28
+"""Entries above which a sparse layer's positions are drawn without a dense boolean mask: the mask is
+faster (1.8 s against 2.5 s for 9M of 900M positions) but takes a byte per dense entry."""
+
+
+def _draw_distinct(n: int, k: int, generator) -> torch.Tensor:
+    """(k,) int64, ascending: a uniformly random k-subset of [0, n). Draws with replacement until k are
+    distinct, then drops a uniformly random surplus; every step treats all positions alike, so the set
+    is uniform. O(k log k) work and memory."""
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        chosen = torch.unique(torch.cat([chosen, torch.randint(n, (need + need // 64 + 16,), generator=generator)]))
+    return chosen[torch.randperm(chosen.numel(), generator=generator)[:k].sort().values]
 
 
 class _SparseMixin:
