@@ -22,7 +22,10 @@ MAX_TEXT_BYTES = 600_000
 
 
 def digits(out: Path) -> Path:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("the digits data ship inside scikit-learn: pip install 'siftc[data]'") from None
     d = load_digits()
     x = (d.data / 16.0).astype(np.float32)  # (1797, 64), pixel counts 0..16 scaled to [0, 1]
     y = d.target.astype(np.int64)           # (1797,)

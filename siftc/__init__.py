@@ -2,6 +2,8 @@
 
     gm = siftc.convert("examples/resnet.py:resnet18_cifar", kind="wide", sparsity=0.9)
     sched = siftc.sparse.RigL(gm, optimizer, total_steps=10_000)
+    siftc.export(gm, "model.onnx", batch=64)
+    siftc.bench(["model.onnx"], batches=(64,))
 """
 import warnings
 
@@ -10,7 +12,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 from siftc import sparse  # noqa: E402
-from siftc.api import convert, load, save  # noqa: E402  after the submodules: `siftc.convert` is the function
+from siftc.api import bench, convert, export, load, save  # noqa: E402  after the submodules: siftc.convert/export/bench are the functions
 from siftc.errors import SiftcError  # noqa: E402
 
-__all__ = ["convert", "load", "save", "sparse", "SiftcError"]
+__all__ = ["convert", "load", "save", "export", "bench", "sparse", "SiftcError"]

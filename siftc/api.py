@@ -4,10 +4,15 @@
     >>> sparse = siftc.convert(model, kind="parallel", sparsity=0.9, example_inputs=(torch.randn(1, 64),))
     >>> siftc.save(sparse, "out/mlp-par90")
     >>> again = siftc.load("out/mlp-par90", model=MLP())   # model= only for in-memory conversions
+    >>> siftc.export("out/mlp-par90", "mlp.onnx", batch=64)
+    >>> result = siftc.bench(["mlp.onnx"], engines=("deepsparse", "onnxruntime"), batches=(64,))
 """
 from torch import nn
 
 from siftc import artifact
+from siftc import export as exporter  # imported here, so `siftc.export` ends up the function (see __init__)
+from siftc.bench import runner
+from siftc.bench.engine import ENGINES
 from siftc.config import ConvertConfig
 from siftc.convert import convert_module
 from siftc.errors import UsageError
@@ -46,3 +51,24 @@ def save(model, out, force: bool = False):
 def load(path, model: nn.Module | None = None):
     """Rebuild a converted model from an artifact directory (no pickled code is executed)."""
     return artifact.load(path, model=model)
+
+
+def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, opset: int | None = None,
+           force: bool = False):
+    """Write `source` (an artifact directory, a "model.py[:factory]" spec or a converted model) as ONNX
+    at `out` with its sidecar `out.json`, after checking it against PyTorch. Returns the Exported
+    record (path, sidecar, meta). The batch is static (`batch`) unless `dynamic_batch`."""
+    opset = exporter.DEFAULT_OPSET if opset is None else opset
+    return exporter.export(source, out, batch=batch, dynamic_batch=dynamic_batch, opset=opset, force=force)
+
+
+def bench(paths, *, engines=None, batches=(1,), threads: int | None = None, time_s: float | None = None,
+          iterations: int | None = None, turns: int = 5, warmup: int = 5, seed: int = 0) -> dict:
+    """Measure ONNX files (a path or a list) on each engine ("deepsparse", "onnxruntime", "torch"; all
+    by default) at each batch size, in interleaved turns. Returns the result `siftc bench --json`
+    writes: per (file, engine, batch) latency percentiles and items/s, plus the machine."""
+    paths = [paths] if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__") else list(paths)
+    cfg = runner.BenchConfig(engines=tuple(engines or ENGINES), batches=tuple(batches),
+                             threads=runner.default_threads() if threads is None else threads, warmup=warmup,
+                             time_s=time_s, iterations=iterations, turns=turns, seed=seed)
+    return runner.bench(paths, cfg)

@@ -302,7 +302,7 @@ def test_attention_inside_a_torch_layer_stays_as_its_layer_expects(batch_first):
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kind", ["wide", "parallel", "factorized", "doped"])
 def test_plain_mha_model_converts_at_high_sparsity_and_exports(tmp_path, kind, batch_first):
-    from siftc import export as ex
+    from siftc.export import ATOL, RTOL, export as export_onnx
     from siftc.source import make_inputs
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -314,10 +314,10 @@ def test_plain_mha_model_converts_at_high_sparsity_and_exports(tmp_path, kind, b
     assert abs(report["flop_ratio"] - 1) <= 0.005
     with torch.no_grad():
         assert gm.eval()(x).shape == model(x).shape == x.shape[:2] + (3,)
-    done = ex.export(gm, tmp_path / "m.onnx", batch=x.shape[0])  # dim 0: the batch, or the sequence
+    done = export_onnx(gm, tmp_path / "m.onnx", batch=x.shape[0])  # dim 0: the batch, or the sequence
     assert done.meta["checks"]["sparsity"] == "passed"
     inputs = make_inputs(gm.siftc_info.example_inputs, x.shape[0], seed=5)
     sess = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})[0]
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), gm.eval()(*inputs), atol=ex.ATOL, rtol=ex.RTOL)
+        torch.testing.assert_close(torch.from_numpy(got), gm.eval()(*inputs), atol=ATOL, rtol=RTOL)

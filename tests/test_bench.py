@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import spec_path
 
 import siftc
-from siftc import export as ex
+from siftc.export import DEFAULT_OPSET, export as export_onnx, read_sidecar
 from siftc.bench import runner
 from siftc.bench.deepsparse_engine import DeepSparseEngine, sparse_layers_off_kernels, sparse_weight_nodes
 from siftc.bench.runner import BenchConfig, bench
@@ -27,9 +27,9 @@ ROW_KEYS = {"model", "kind", "sparsity", "engine", "batch", "threads", "status",
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     siftc.save(siftc.convert(spec_path("examples/mlp.py:mlp"), kind="parallel", sparsity=0.9), d / "par90")
-    return {"dense": ex.export(spec_path("examples/mlp.py:mlp"), d / "dense.onnx", batch=4).path,
-            "sparse": ex.export(d / "par90", d / "par90.onnx", batch=4).path,
-            "dynamic": ex.export(d / "par90", d / "dyn.onnx", dynamic_batch=True).path}
+    return {"dense": export_onnx(spec_path("examples/mlp.py:mlp"), d / "dense.onnx", batch=4).path,
+            "sparse": export_onnx(d / "par90", d / "par90.onnx", batch=4).path,
+            "dynamic": export_onnx(d / "par90", d / "dyn.onnx", dynamic_batch=True).path}
 
 
 def test_real_engines_schema_and_agreement(files):
@@ -59,10 +59,10 @@ def test_deepsparse_names_sparse_layers_off_its_kernels(tmp_path):
     # MatMuls must not. The analysis used to compile at batch 1, which aborts the whole process inside
     # DeepSparse on a static-batch file; it now runs at the file's batch, in a child process.
     siftc.save(siftc.convert(spec_path("examples/gpt.py:gpt"), kind="wide", sparsity=0.75), tmp_path / "art")
-    path = ex.export(tmp_path / "art", tmp_path / "gpt.onnx", batch=2).path
+    path = export_onnx(tmp_path / "art", tmp_path / "gpt.onnx", batch=2).path
     details = DeepSparseEngine(path, 2, 1).details()
     assert details["supported_fraction"] < 1.0 and details["sparse_layers_fallback"] == []
-    assert len(sparse_weight_nodes(path)) == len([x for x in ex.read_sidecar(path)["layers"] if x["initializer"]])
+    assert len(sparse_weight_nodes(path)) == len([x for x in read_sidecar(path)["layers"] if x["initializer"]])
     with pytest.raises(EngineError, match="layer analysis .* failed"):
         sparse_layers_off_kernels(path, 1, 1)  # the old call: DeepSparse aborts, the caller survives
 
@@ -179,7 +179,7 @@ def test_cli_help_shows_the_library_defaults():
     for option, default in (("--warmup", cfg.warmup), ("--turns", cfg.turns), ("--time", cfg.time_s),
                             ("--batch", ",".join(map(str, cfg.batches))), ("--engine", ",".join(cfg.engines)),
                             ("--round-to", ConvertConfig(kind="wide", sparsity=0).round_to),
-                            ("--opset", ex.DEFAULT_OPSET)):
+                            ("--opset", DEFAULT_OPSET)):
         assert re.search(rf"{option} \S+ [^[]*\[default: {re.escape(str(default))}\]", shown), option
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import siftc
-from siftc import export as ex
+from siftc.export import ATOL, RTOL, export as export_onnx
 from siftc import flops, layers
 from siftc.nn.sparse import SparseConv1d, set_backend
 from siftc.passes import KINDS
@@ -124,7 +124,7 @@ def test_converted_model_on_native_matches_torch():
 def test_conv1d_model_exports_to_onnx(tmp_path, kind):
     torch.manual_seed(0)
     gm = siftc.convert(Conv1dNet(), kind=kind, sparsity=0.5, example_inputs=_inputs())
-    done = ex.export(gm, tmp_path / "m.onnx", batch=2)
+    done = export_onnx(gm, tmp_path / "m.onnx", batch=2)
     model = onnx.load(str(done.path))
     onnx.checker.check_model(model)
     assert "Conv" in {n.op_type for n in model.graph.node}
@@ -135,4 +135,4 @@ def test_conv1d_model_exports_to_onnx(tmp_path, kind):
     sess = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})[0]
     with torch.no_grad():
-        np.testing.assert_allclose(got, gm.eval()(*inputs).numpy(), atol=ex.ATOL, rtol=ex.RTOL)
+        np.testing.assert_allclose(got, gm.eval()(*inputs).numpy(), atol=ATOL, rtol=RTOL)

@@ -16,7 +16,7 @@ import sys
 from siftc.bench.engine import Engine
 from siftc.errors import EngineError
 
-INSTALL = "pip install deepsparse==1.8.0 (Linux x86-64 with AVX2, Python 3.8-3.11)"
+INSTALL = "pip install 'siftc[deepsparse]' (DeepSparse 1.8.0: Linux x86-64 with AVX2, Python 3.8-3.11)"
 
 
 class DeepSparseEngine(Engine):

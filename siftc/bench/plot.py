@@ -6,6 +6,7 @@
 """
 from pathlib import Path
 
+from siftc.extras import require
 from siftc.store import PLOT_TAG, PLOTS, os_errors, write_file
 
 STYLE = {  # engine -> (label, colour, marker)
@@ -22,8 +23,7 @@ def plot_sweep(result: dict, path, title: str | None = None) -> Path:
 
 def plot_sweeps(results: list[dict], path, titles: list[str] | None = None) -> Path:
     """One panel per (sweep, batch), side by side, in one file."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only; no display needed
+    require("matplotlib", "siftc bench --plot").use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     panels = [(r["sweep"], b, (titles or [None] * len(results))[i]) for i, r in enumerate(results)

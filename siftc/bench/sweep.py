@@ -9,7 +9,7 @@ A point whose file already exists with the same settings is reused, so a re-run 
 """
 from pathlib import Path
 
-from siftc import export as ex
+from siftc.export import DEFAULT_OPSET, export as export_onnx
 from siftc.bench.runner import BenchConfig, bench
 from siftc.config import ConvertConfig
 from siftc.errors import UsageError
@@ -48,7 +48,7 @@ def _reusable(onnx_path: Path, spec: str, kind: str, sparsity: float, batch, ops
             and (not sparsity or (meta.get("config") or {}).get("round_to") == round_to))
 
 
-def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None, opset: int = ex.DEFAULT_OPSET,
+def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None, opset: int = DEFAULT_OPSET,
                  round_to: int = ROUND_TO, force: bool = False, progress=None, dense: bool = True) -> list[Path]:
     """Convert and export each sparsity point (reusing up-to-date files); returns the ONNX paths,
     dense first. `batch=None` exports a dynamic batch. `dense=False`: only the points asked for."""
@@ -78,12 +78,12 @@ def build_points(spec: str, kind: str, sparsities, out_dir, *, batch: int | None
             siftc.save(siftc.convert(spec, kind=kind, sparsity=s, round_to=round_to), art, force=True)
             source = art
         say(f"exporting {path.name}")
-        ex.export(source, path, batch=batch or 1, dynamic_batch=batch is None, opset=opset, force=True)
+        export_onnx(source, path, batch=batch or 1, dynamic_batch=batch is None, opset=opset, force=True)
         paths.append(path)
     return paths
 
 
-def run_sweep(spec: str, kind: str, sparsities, out_dir, cfg: BenchConfig, *, opset: int = ex.DEFAULT_OPSET,
+def run_sweep(spec: str, kind: str, sparsities, out_dir, cfg: BenchConfig, *, opset: int = DEFAULT_OPSET,
               round_to: int = ROUND_TO, dynamic_batch: bool = False, force: bool = False, progress=None,
               step=None) -> dict:
     """build_points then bench them all together (interleaved). Returns bench's result plus a

@@ -85,6 +85,7 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
     from siftc.bench.plot import plot_sweep
     from siftc.bench.runner import FORMAT, bench, default_threads
     from siftc.errors import UsageError
+    from siftc.extras import require
     from siftc.store import PLOT_TAG, check_output, sidecar_path, write_json
 
     if sweep_model and models:
@@ -93,6 +94,8 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
         raise UsageError("no model given; pass MODEL.onnx files (from siftc export) or --sweep model.py")
     if plot_out and not sweep_model:
         raise UsageError("--plot draws a sweep; add --sweep model.py (or drop --plot)")
+    if plot_out:
+        require("matplotlib", "--plot")  # before the benchmark, not after it
     if iterations is not None and ctx.get_parameter_source("time_s") == ParameterSource.COMMANDLINE:
         raise UsageError("--time and --iterations contradict each other; pass one of them")
     # Before any work: the files this command reads are never what it writes.

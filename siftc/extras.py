@@ -1,0 +1,21 @@
+"""Optional dependencies: imported where a feature needs them, and a missing one is a one-line error
+naming the extra that installs it (`pip install 'siftc[plot]'`), never an ImportError traceback."""
+import importlib
+import importlib.util
+
+from siftc.errors import UsageError
+
+EXTRAS = {"matplotlib": "plot", "sklearn": "data", "deepsparse": "deepsparse"}
+
+
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str, feature: str):
+    """`module`, imported; or a UsageError saying `feature` needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"{feature} needs {module}, which is not installed here: "
+                         f"pip install 'siftc[{EXTRAS[module]}]'") from e
