@@ -12,6 +12,7 @@ from torch import nn
 from siftc import flops
 from siftc.config import ConvertConfig
 from siftc.errors import UsageError
+from siftc.memory import check_fits
 from siftc.nn.attention import split_attention
 from siftc.passes import KINDS
 from siftc.source import Source
@@ -41,6 +42,7 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
         traced = trace(model, example_inputs, cfg.leaf)  # says plainly when the inputs do not fit the model
     gm, example_inputs = traced.gm, traced.inputs
     dense_params = sum(p.numel() for p in model.parameters())
+    check_fits(gm, cfg)  # a conversion too large for this machine is refused here, not killed by the OS
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
