@@ -23,6 +23,7 @@ Training flags are not baked: a module's `self.training` is read through the gra
 `.eval()` of the converted model.
 """
 import contextlib
+import gc
 import inspect
 import linecache
 import logging
@@ -40,7 +41,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
-from siftc.value_rules import FUNCTION_RULES, call_with_rule, module_rule
+from siftc.value_rules import FUNCTION_RULES, ValueCache, call_with_rule, module_rule
 
 _TORCH = Path(torch.__file__).resolve().parent
 _SIFTC = Path(__file__).resolve().parent
@@ -221,6 +222,7 @@ class ConcreteTracer(torch.fx.Tracer):
         self.flags: list = []   # (module, its own training bool), restored after the trace
         self.training_scopes: set = set()  # module paths whose forward branched on self.training
         self._fakes: dict = {}
+        self.cache = ValueCache()  # values of calls made before with the same inputs
         self._computing = False
         self.out_spec, self.dropped = None, []
         self.decisions = 0  # Python decisions on constants (which may be example dims of size 0 or 1)
@@ -310,11 +312,20 @@ class ConcreteTracer(torch.fx.Tracer):
             return self._fake(obj)
         vargs, vkwargs = self._value_of(tuple(args)), self._value_of(dict(kwargs))
         python_level = kind == "call_function" and not _has_tensor((vargs, vkwargs))
+        key = None if python_level else self.cache.key(kind, target, vargs, vkwargs)
+        out = self.cache.get(key) if key is not None else None
+        if out is not None:
+            return out
         before = len(self.shape_env.guards)
         try:
             self._computing = True
             with self.fake_mode:
+                if kind == "call_method" and target.endswith("_"):  # in place: not on a shared value
+                    vargs = (self.cache.private(vargs[0]), *vargs[1:])
+                    if isinstance(args[0], torch.fx.Proxy):
+                        self.values[args[0].node] = vargs[0]
                 out = self._dispatch(kind, target, vargs, vkwargs)
+            self.cache.put(key, out)
         except Exception as e:
             if _data_dependent(e):
                 raise DataDependent(f"{_op_name(kind, target)} needs tensor values", self._user_line()[0],
@@ -452,6 +463,15 @@ def add_input_guard(gm: torch.fx.GraphModule, guards: "Guards"):
     gm.recompile()
 
 
+def _changes_its_input(node: torch.fx.Node) -> bool:
+    """fx's impure nodes, and in-place calls (`x.unsqueeze_(0)`, `x[i] = v`, `relu(x, inplace=True)`),
+    which dead-code elimination must keep even when nothing reads their result."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    in_place = node.op in ("call_method", "call_function") and (
+        name.endswith("_") or node.target is operator.setitem or node.kwargs.get("inplace") is True)
+    return in_place or node.is_impure()
+
+
 def _has_tensor(values) -> bool:
     found = []
     map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else v)
@@ -515,18 +535,21 @@ def _guards(model, inputs, gm, tracer) -> Guards:
 def _trace_once(model, inputs, is_leaf, example=None):
     tracer = ConcreteTracer(inputs, is_leaf, example=example)
     log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing op's traceback itself
-    level = log.level
+    level, collecting = log.level, gc.isenabled()
     log.setLevel(logging.CRITICAL)
+    gc.disable()  # the trace makes many small objects (symbols, nodes); full collections cost it ~10%
     try:
         graph = tracer.trace(model)
     finally:
         log.setLevel(level)
+        if collecting:
+            gc.enable()
         restore_training(tracer.flags)
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     if not tracer.out_spec.is_leaf():  # outputs come back as the model's own structure (a ModelOutput)
         gm.graph._codegen = _OutputTree(_PyTreeInfo(names_of(gm), None, tracer.out_spec))
     _dropout_follows_training(gm, tracer.training_scopes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_changes_its_input)
     gm.graph.lint()
     gm.recompile()
     return gm, tracer

@@ -108,3 +108,84 @@ def call_with_rule(m: nn.Module, rule, args, kwargs):
         return m(*args, **kwargs)
     finally:
         del m.__dict__["forward"]
+
+
+# ---- identical calls --------------------------------------------------------------------------
+class ValueCache:
+    """Values of calls already made with the same inputs: GPT-2's 12 blocks make the same 50 calls on
+    the same symbolic shapes, and each fake dispatch re-derives the same sizes and strides.
+
+    A key is the call and, for each tensor, its sizes, strides, offset, dtype, device and grad (sizes
+    as ShapeEnv's expressions), plus the grad mode. Only tensor calls that change nothing are cached
+    (no name ending in `_`, no `out=`/`inplace=`); a value from the cache is shared by the nodes that
+    hit it, so an in-place method on one is run on a private copy (`private`)."""
+
+    def __init__(self):
+        self.values, self.shared = {}, set()  # key -> value; ids of the tensors handed out more than once
+
+    def key(self, kind, target, args, kwargs):
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if kind not in ("call_method", "call_function") or name.endswith("_") or \
+                "out" in kwargs or kwargs.get("inplace"):
+            return None
+        tensors = []
+        try:
+            key = (kind, target, _sig((args, kwargs), tensors), torch.is_grad_enabled())
+            hash(key)
+        except TypeError:  # an argument that cannot be compared (a module, a list subclass...)
+            return None
+        return key if tensors else None
+
+    def get(self, key):
+        value = self.values.get(key)
+        if value is not None:
+            _each_tensor(value, lambda t: self.shared.add(id(t)))
+        return value
+
+    def put(self, key, value):
+        if key is not None:
+            self.values[key] = value
+
+    def private(self, value):
+        """A copy of a shared tensor value (same metadata) for an in-place method to change."""
+        if not isinstance(value, torch.Tensor) or id(value) not in self.shared:
+            return value
+        if value.storage_offset() != 0:
+            return value.clone()
+        copy = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return copy.requires_grad_() if value.requires_grad else copy
+
+
+def _sig(a, tensors: list):
+    if isinstance(a, torch.Tensor):
+        tensors.append(a)
+        return ("T", _sizes(a.shape), _sizes(a.stride()), _size(a.storage_offset()), a.dtype, a.device,
+                a.requires_grad, type(a))
+    if isinstance(a, torch.SymInt):
+        return ("S", a.node.expr)
+    if isinstance(a, (tuple, list)):
+        return (type(a), tuple(_sig(x, tensors) for x in a))
+    if isinstance(a, dict):
+        return (dict, tuple((k, _sig(v, tensors)) for k, v in a.items()))
+    if isinstance(a, slice):
+        return (slice, _sig((a.start, a.stop, a.step), tensors))
+    if isinstance(a, (int, float, bool, str, type(None), type(Ellipsis), torch.dtype, torch.device,
+                      torch.memory_format, torch.layout)):
+        return (type(a), a)
+    raise TypeError(type(a).__name__)
+
+
+def _size(s):
+    return s.node.expr if isinstance(s, torch.SymInt) else s
+
+
+def _sizes(sizes):
+    return tuple(_size(s) for s in sizes)
+
+
+def _each_tensor(value, fn):
+    if isinstance(value, torch.Tensor):
+        fn(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _each_tensor(v, fn)

@@ -108,3 +108,51 @@ def test_forward_hooks_see_and_shape_a_ruled_value():
     assert model.calls >= 1  # the hook ran on the traced value
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+# ---- ValueCache: a call made before with the same inputs -------------------------------------
+class InPlaceOnRepeat(nn.Module):
+    """The same transpose three times; an in-place unsqueeze_ on the second must not reach the others."""
+
+    def forward(self, x):                         # (B, T)
+        a, b = x.transpose(0, 1), x.transpose(0, 1)
+        b.unsqueeze_(0)
+        c = x.transpose(0, 1)
+        assert a.dim() == 2 and b.dim() == 3 and c.dim() == 2
+        return a + b + c                          # (1, T, B)
+
+
+class ViewOfTranspose(nn.Module):
+    """view(-1) of a contiguous (T, B) is cached; the same view of a transposed (T, B) is not allowed."""
+
+    def forward(self, x):                         # (B, T)
+        y = x.transpose(0, 1)
+        return y.contiguous().view(-1) + y.view(-1)
+
+
+def test_an_in_place_method_on_a_repeated_value_changes_only_its_own():
+    x = torch.randn(2, 3)
+    gm, _ = concrete_trace(InPlaceOnRepeat(), {"x": x})
+    torch.testing.assert_close(gm(x), InPlaceOnRepeat()(x))
+
+
+def test_a_cached_value_is_only_reused_for_the_same_strides():
+    with pytest.raises(RuntimeError, match="view"):
+        ViewOfTranspose()(torch.randn(2, 3))
+    with pytest.raises(Exception, match="view"):
+        concrete_trace(ViewOfTranspose(), {"x": torch.randn(2, 3)})
+
+
+def test_repeated_calls_are_computed_once():
+    cache = value_rules.ValueCache()
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+    x = mode.from_tensor(torch.randn(2, 3))
+    with mode:
+        key = cache.key("call_method", "transpose", (x, 0, 1), {})
+        assert key == cache.key("call_method", "transpose", (x.clone(), 0, 1), {})  # another tensor, same kind
+        assert key != cache.key("call_method", "transpose", (x.t(), 0, 1), {})
+        assert cache.key("call_method", "unsqueeze_", (x, 0), {}) is None           # in place
+        assert cache.key("call_function", F.relu, (x,), {"inplace": True}) is None
+        assert cache.key("call_function", max, (2, 3), {}) is None                  # no tensor
+        cache.put(key, x.transpose(0, 1))
+        assert cache.get(key) is cache.get(key)
