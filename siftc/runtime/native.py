@@ -1,24 +1,21 @@
 """The "native" backend: SparseLinear / SparseConv2d / SparseConv1d on siftc's C++ kernels (SparseProp's
 algorithm; a Conv1d runs as a Conv2d with a (1, k) kernel over a height-1 input).
 
-Forward, input gradient and weight gradient touch only the mask's non-zeros (see csrc/sparse_ops.cpp).
-Per layer this backend caches the index built from the mask, keyed on `layer.mask_version`: a mask
-change (SET/RigL, `set_mask`, a state-dict load) triggers one rebuild, an O(numel) scan of the mask and
-an O(nnz) fill. The index stores positions, not values, so optimizer steps need no rebuild, and a weight
-regrown at exactly zero is in the index and gets its gradient.
+The kernels read the layer's `values` (nnz,) where they are and write the weight gradient only at the
+non-zeros: `values.grad` comes back (nnz,) from the op, and no weight-shaped tensor is made in a forward
+or a backward (see csrc/sparse_ops.cpp). Per layer this backend caches the index built from
+`layer.positions`, keyed on `layer.mask_version`: a mask change (SET/RigL, `set_mask`, a state-dict load)
+triggers one O(nnz) rebuild. The index stores where each entry's value is in `values`, not the value, so
+optimizer steps need no rebuild, and a weight regrown at exactly zero is in the index and gets its gradient.
 
 Inputs the kernels do not take (not on CPU, not float32/float64, autocast, groups != 1, non-zero
 padding modes) run on the masked-dense reference instead, so a model never fails because of its backend.
 
-Costs that stay dense because the layer's contract is a dense `weight` Parameter: the weight gradient is
-a dense tensor (zeros plus the non-zeros, written row by row), and the forward gathers the non-zero values
-out of the dense weight (the backward reorders the forward's values instead, through `tsrc`). For wide
-layers these are O(numel) memory passes. A fresh weight-sized gradient
-buffer is also page-faulted in on every backward: THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge-page allocation)
-makes that several times cheaper, and letting glibc keep freed memory (MALLOC_MMAP_THRESHOLD_ and
-MALLOC_TRIM_THRESHOLD_ set high, or mallopt) removes it; benchmarks/runtime.py does both, for all columns.
+What a step still costs beyond the multiply-adds: the activations are repacked batch-innermost (x and dY
+in, y and dX out), and the forward's values are gathered into index order when a layer has more than one
+column panel (a wide Linear does; the backward gathers its transposed values the same way). These are
+O(nnz) and O(activations) memory passes; nothing is O(dense weight) any more.
 """
-import math
 import weakref
 
 import torch
@@ -56,31 +53,21 @@ class Native:
         self._fallback = MaskedDense()
 
     def index(self, layer, panel: int, transpose: bool):
-        """(ptr, code, widx) for `layer`'s current mask, built once per mask version and panel width."""
+        """(ptr, code, widx) for `layer`'s current positions, built once per mask version and panel width."""
         entry = self._index.get(layer)
         if entry is None or entry["version"] != layer.mask_version:
             entry = {"version": layer.mask_version}
             self._index[layer] = entry
         key = (panel, transpose)
         if key not in entry:
-            kk = math.prod(layer.weight_shape[2:])  # 1 for a Linear
-            with torch.no_grad():
-                entry[key] = torch.ops.siftc.build_index(layer.mask.detach(), kk, panel, transpose)
+            entry[key] = torch.ops.siftc.build_index(layer.positions, list(layer.weight_shape), panel, transpose)
         return entry[key]
 
     def indexes(self, layer, panel: int, tpanel: int) -> tuple:
-        """The nine index tensors the ops take: forward (panel groups per column panel), grad input (tpanel,
-        its third tensor `tsrc` = each entry's position in the forward index), grad weight (= forward)."""
+        """The nine index tensors the ops take: forward (panel groups per column panel), grad input (the
+        transposed index, tpanel groups), grad weight (= forward)."""
         fwd = self.index(layer, panel, False)
-        entry = self._index[layer]
-        key = ("tsrc", panel, tpanel)
-        if key not in entry:
-            tptr, tcode, twidx = self.index(layer, tpanel, True)
-            with torch.no_grad():  # forward position of each weight position, read at the transposed entries
-                where = torch.empty(math.prod(layer.weight_shape), dtype=torch.int32)
-                where[fwd[2].long()] = torch.arange(fwd[2].numel(), dtype=torch.int32)
-                entry[key] = (tptr, tcode, where[twidx.long()])
-        return fwd + entry[key] + fwd  # the weight gradient walks the forward index
+        return fwd + self.index(layer, tpanel, True) + fwd  # the weight gradient walks the forward index
 
     def linear(self, layer, x):  # (*, in) -> (*, out)
         if not supported(layer, x):
@@ -89,23 +76,24 @@ class Native:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         chunk = min(batch_pad(x2.shape[0]), VECTOR_FLOATS) * x.element_size()
         index = self.indexes(layer, _panel(chunk), _panel(chunk))
-        y = torch.ops.siftc.sparse_linear(x2, layer.weight, layer.bias, *index)[0]  # (N, out)
+        y = torch.ops.siftc.sparse_linear(x2, layer.values, list(layer.weight_shape), layer.bias, *index)[0]  # (N, out)
         return y.view(*x.shape[:-1], layer.out_features)
 
     def conv2d(self, layer, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
         if not _conv_supported(layer, x, 4):
             return self._fallback.conv2d(layer, x)
-        return self._conv(layer, x, layer.weight, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        return self._conv(layer, x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
 
     def conv1d(self, layer, x):  # (B, Cin, L) -> (B, Cout, L'): a (1, k) kernel over (B, Cin, 1, L)
         if not _conv_supported(layer, x, 3):
             return self._fallback.conv1d(layer, x)
-        y = self._conv(layer, x.unsqueeze(2), layer.weight.unsqueeze(2), (1, *layer.kernel_size),
-                       (1, *layer.stride), (0, *layer.padding), (1, *layer.dilation))  # (B, Cout, 1, L')
+        y = self._conv(layer, x.unsqueeze(2), (1, *layer.kernel_size), (1, *layer.stride), (0, *layer.padding),
+                       (1, *layer.dilation))  # (B, Cout, 1, L')
         return y.squeeze(2)
 
-    def _conv(self, layer, x, weight, kernel, stride, padding, dilation):
-        """The 2-D kernels on x (B, Cin, H, W) and weight (Cout, Cin, kh, kw), a view of layer.weight."""
+    def _conv(self, layer, x, kernel, stride, padding, dilation):
+        """The 2-D kernels on x (B, Cin, H, W) and the layer's values as a (Cout, Cin, kh, kw) weight (a
+        Conv1d's positions index its (Cout, Cin, k) weight, which is (Cout, Cin, 1, k) too)."""
         build.load()
         b, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
@@ -119,8 +107,9 @@ class Native:
         panel = _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64)
         nv, nt = _tile(vectors, -(-w // sw))  # a stride phase of dX
         index = self.indexes(layer, panel, _panel(rows * (nt + (kw - 1) * dw) * nv * 64))
-        return torch.ops.siftc.sparse_conv2d(x, weight, layer.bias, list(stride), list(padding), list(dilation),
-                                             *index)[0]
+        shape = [*layer.weight_shape[:2], *kernel]  # (Cout, Cin, kh, kw)
+        return torch.ops.siftc.sparse_conv2d(x, layer.values, shape, layer.bias, list(stride), list(padding),
+                                             list(dilation), *index)[0]
 
 
 def _conv_supported(layer, x, dims: int) -> bool:

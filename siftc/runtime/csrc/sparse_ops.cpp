@@ -1,4 +1,8 @@
-// Sparse Linear / Conv2d forward and backward on CPU, touching only the mask's non-zeros.
+// Sparse Linear / Conv2d forward and backward on CPU, touching only the non-zeros.
+//
+// A layer's weight is its non-zero `values` (nnz,) at flat row-major `positions` (ascending, int32) into a
+// dense weight of shape (O, C, KH, KW) (a Linear's (O, C) is KH = KW = 1). The ops take the values and that
+// shape, never a dense weight, and the weight gradient they return is values-shaped (nnz,).
 //
 // SparseProp's layout: activations are repacked batch-innermost, (C, H, W, Bp) with the batch padded to a
 // multiple of 16, so one weight non-zero times one input position is a run of full vector FMAs. A Linear
@@ -7,25 +11,26 @@
 //   forward      Y[o, pos]   = sum_{(c,k) in row o} W[o,c,k] * Xp[c, pos*stride + k*dilation]    (spmm)
 //   grad input   dXp[c, pos] = sum_{(o,k) in row c} W[o,c,k] * dY[o, (pos - k*dilation) / stride]  (spmm on
 //                the transposed index, one stride phase of pos at a time: see grad_input)
-//   grad weight  dW[o,c,k]   = sum_pos dY[o, pos] . Xp[c, pos*stride + k*dilation]  at non-zeros   (sddmm)
+//   grad values  dV[n]       = sum_pos dY[o, pos] . Xp[c, pos*stride + k*dilation]  for the non-zero n at
+//                (o, c, k)                                                                        (sddmm)
 //
-// The index (built from the mask by build_index, O(numel) scan, O(nnz) fill) is a CSR split into column
-// panels so the slice of the input one panel touches stays in L2: entries sorted by (panel, row, column);
+// The index (built from the positions by build_index in O(nnz)) is a CSR split into column panels so the
+// slice of the input one panel touches stays in L2: entries sorted by (panel, row, column);
 // ptr[p*R + r] .. ptr[p*R + r + 1] are row r's entries in panel p, and panel p holds groups
 // [p*P, (p+1)*P) with P = ceil(groups / panels). An entry stores code = group << 8 | kernel_position
 // (group = input channel for the forward index, output channel for the transposed one) and widx = its
-// flat position in the dense weight. A thread's pass walks tiles of output positions x batch vectors,
-// then panels, then its rows, so each tile's input slice over a panel is read from L2 while every row
-// uses it, and each output tile stays in cache across the panels (a Linear has one tile: panel-major).
-// Values are gathered from the dense weight at call time, so optimizer updates need no index rebuild;
-// once per step: the forward returns its values and its packed input, and the backward reads the
-// transposed values out of them (the transposed index's tsrc = an entry's position in the forward index)
-// and reuses the packed input for the weight gradient. Weights inside the mask that are exactly zero stay
-// in the index.
+// non-zero's index in `values` (its rank among the positions). The forward index with one panel is in
+// position order, widx the identity: its values are read in place, with no gather. A thread's pass walks
+// tiles of output positions x batch vectors, then panels, then its rows, so each tile's input slice over a
+// panel is read from L2 while every row uses it, and each output tile stays in cache across the panels (a
+// Linear has one tile: panel-major). Values are read at call time, so optimizer updates need no index
+// rebuild; the forward returns its packed input, which the backward reuses for the weight gradient, and the
+// backward reads the transposed values out of `values` through the transposed index's widx. Non-zeros whose
+// value is exactly zero stay in the index (a weight regrown at zero gets its gradient).
 //
-// Each phase (siftc.pack_x, siftc.spmm, siftc.sddmm, siftc.gather, siftc.pack_dy, siftc.unpack,
-// siftc.dw_write) is a RECORD_FUNCTION scope, so torch.profiler splits a step into them; when no profiler
-// is active a scope costs a flag check.
+// Each phase (siftc.pack_x, siftc.spmm, siftc.sddmm, siftc.gather, siftc.pack_dy, siftc.unpack) is a
+// RECORD_FUNCTION scope, so torch.profiler splits a step into them; when no profiler is active a scope
+// costs a flag check.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -38,6 +43,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace siftc {
@@ -148,11 +154,10 @@ static SpmmFn<T> spmm_fn(int nv, int nt) {
   TORCH_CHECK(false, "siftc: no spmm tile for nv=", nv, " nt=", nt);
 }
 
-// The non-zero values in index order, read row by row: within a row the panels' entries ascend through
-// the weight, so the dense weight streams in address order. Read inside the FMA loop (panel by panel,
-// jumping a row's length between rows) each value was a dependent cache miss, half the loop's time.
-// src[n] is entry n's position in `from`: the dense weight (widx) in the forward, the forward's gathered
-// values (tsrc) in the backward, which reads nnz values instead of the dense weight's lines a second time.
+// The non-zero values in index order, read row by row. Read inside the FMA loop (panel by panel, jumping
+// between rows) each value was a dependent cache miss, half the loop's time; gathered first, the FMA loop
+// streams them. src[n] is entry n's index in `from` (the layer's values): within a forward row the panels'
+// entries ascend through the values, so they stream in address order.
 template <typename T>
 static at::Tensor gather_values(const T* from, const int64_t* ptr, const int32_t* src, int64_t rows, int64_t npanels,
                                 const at::TensorOptions& opt) {
@@ -195,11 +200,13 @@ static void spmm(const T* in, T* out, const Geometry& g, const at::Tensor& ptr_t
   });
 }
 
-// ---- sddmm: dW at row r's entries += dot(A[r, tile], X[entry, tile]) -------------------------------------
-// ADD false: the entry's first tile (write the value); true: a later tile (add to it).
+// ---- sddmm: dV at row r's entries += dot(A[r, tile], X[entry, tile]) -------------------------------------
+// ADD false: the entry's first tile (write the value); true: a later tile (add to it). Entry n's gradient
+// goes to dvals[widx[n]], its non-zero's place in `values`.
 template <typename T, int NV, int NT, bool ADD>
 static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geometry& g,
-                       const int32_t* __restrict code, T* __restrict vals, int64_t lo, int64_t hi) {
+                       const int32_t* __restrict code, const int32_t* __restrict widx, T* __restrict dvals,
+                       int64_t lo, int64_t hi) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V av[NT][NV];
@@ -213,13 +220,14 @@ static void sddmm_tile(const T* __restrict a, const T* __restrict x, const Geome
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < NV; ++v) part[(t * NV + v) & 3] += av[t][v] * *(const V*)(src + t * in_w + v * L);
     const V s = (part[0] + part[1]) + (part[2] + part[3]);
-    if (ADD) vals[n] += hsum<T>(s);
-    else vals[n] = hsum<T>(s);
+    if (ADD) dvals[widx[n]] += hsum<T>(s);
+    else dvals[widx[n]] = hsum<T>(s);
   }
 }
 
 template <typename T>
-using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, T*, int64_t, int64_t);
+using SddmmFn = void (*)(const T*, const T*, const Geometry&, const int32_t*, const int32_t*, T*, int64_t,
+                         int64_t);
 
 template <typename T, bool ADD>
 static SddmmFn<T> sddmm_fn(int nv, int nt) {
@@ -237,42 +245,19 @@ static SddmmFn<T> sddmm_fn(int nv, int nt) {
   TORCH_CHECK(false, "siftc: no sddmm tile for nv=", nv, " nt=", nt);
 }
 
-// dst[i] = src[i] with non-temporal stores where dst is 64-byte aligned: the dense weight gradient is far
-// larger than the caches and written once, so its lines are not read from memory before being
-// overwritten (zeroing it in cache first cost a read and a write of every line: 3x a plain stream).
-template <typename T>
-static void stream_copy(T* dst, const T* src, int64_t n) {
-  int64_t i = 0;
-#ifdef __AVX512F__
-  constexpr int64_t L = 64 / sizeof(T);
-  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 64; ++i) dst[i] = src[i];
-  for (; i + L <= n; i += L) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
-#endif
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
-static inline void stream_fence() {
-#ifdef __AVX512F__
-  _mm_sfence();  // the streamed stores are visible before the caller reads dW
-#endif
-}
-
-// g describes A (as "out") and X (as "in"); dw is the dense weight gradient, every element written: the
-// entries' values (one dot product per tile, summed over the tiles in the loop order of spmm, so dY is
-// read once rather than once per panel) go to an index-ordered array first (sequential stores), then dW is written row by row,
-// each row built in a cached buffer (zeros, then its values) and streamed out (stream_copy), so the big
-// buffer is written once and never read.
+// g describes A (as "out") and X (as "in"); dvals (nnz,) is the values' gradient, every entry written: one
+// dot product per tile, summed over the tiles in the loop order of spmm (so dY is read once rather than
+// once per panel), stored at the entry's widx. Within a forward row and panel the entries' widx are
+// consecutive, so the stores are sequential.
 template <typename T>
 static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& ptr_t, const at::Tensor& code_t,
-                  const at::Tensor& widx_t, T* dw, int64_t row_len) {
+                  const at::Tensor& widx_t, T* dvals) {
   RECORD_FUNCTION("siftc.sddmm", std::vector<c10::IValue>());
   const int64_t R = g.rows;
   const int64_t npanels = (ptr_t.numel() - 1) / R;
   const int64_t* ptr = ptr_t.data_ptr<int64_t>();
   const int32_t* code = code_t.data_ptr<int32_t>();
   const int32_t* widx = widx_t.data_ptr<int32_t>();
-  std::unique_ptr<T[]> vals_buf(new T[std::max<int64_t>(code_t.numel(), 1)]);
-  T* vals = vals_buf.get();
   const auto tiles = make_tiles(g, Vec<T>::lanes);
   std::vector<SddmmFn<T>> assign, add;
   for (const auto& t : tiles) {
@@ -285,21 +270,9 @@ static void sddmm(const T* a, const T* x, const Geometry& g, const at::Tensor& p
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t lo = ptr[p * R + r], hi = ptr[p * R + r + 1];
           if (lo == hi) continue;
-          (i == 0 ? assign[i] : add[i])(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, vals,
-                                        lo, hi);
+          (i == 0 ? assign[i] : add[i])(a + r * g.out_row + tiles[i].out_off, x + tiles[i].in_off, g, code, widx,
+                                        dvals, lo, hi);
         }
-  });
-  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    RECORD_FUNCTION("siftc.dw_write", std::vector<c10::IValue>());
-    std::vector<T> row(row_len);  // a row is small: it is built in cache, then streamed out
-    for (int64_t r = r0; r < r1; ++r) {
-      std::fill(row.begin(), row.end(), T(0));
-      const int64_t first = r * row_len;
-      for (int64_t p = 0; p < npanels; ++p)
-        for (int64_t n = ptr[p * R + r]; n < ptr[p * R + r + 1]; ++n) row[widx[n] - first] = vals[n];
-      stream_copy(dw + r * row_len, row.data(), row_len);
-    }
-    stream_fence();
   });
 }
 
@@ -375,15 +348,17 @@ struct ConvShape {
   int64_t B, C, H, W, O, KH, KW, sh, sw, ph, pw, dh, dw, Ho, Wo, Bp, Hp, Wp;
 };
 
-static ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+// shape: the dense weight's (O, C, KH, KW).
+static ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef shape, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "siftc: conv2d expects 4-d input and weight");
-  TORCH_CHECK(x.size(1) == weight.size(1), "siftc: input has ", x.size(1), " channels, weight expects ",
-              weight.size(1), " (groups=1 only)");
+  TORCH_CHECK(x.dim() == 4 && shape.size() == 4, "siftc: conv2d expects a 4-d input and a 4-d weight shape, got ",
+              x.dim(), "-d input and weight shape ", shape);
+  TORCH_CHECK(x.size(1) == shape[1], "siftc: input has ", x.size(1), " channels, weight shape ", shape, " expects ",
+              shape[1], " (groups=1 only)");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "siftc: stride/padding/dilation need 2 values");
   ConvShape s{};
   s.B = x.size(0); s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
-  s.O = weight.size(0); s.KH = weight.size(2); s.KW = weight.size(3);
+  s.O = shape[0]; s.KH = shape[2]; s.KW = shape[3];
   s.sh = stride[0]; s.sw = stride[1]; s.ph = padding[0]; s.pw = padding[1]; s.dh = dilation[0]; s.dw = dilation[1];
   TORCH_CHECK(s.KH * s.KW <= (1 << kCodeShift), "siftc: kernel ", s.KH, "x", s.KW, " is larger than 256 positions");
   s.Hp = s.H + 2 * s.ph; s.Wp = s.W + 2 * s.pw;
@@ -446,22 +421,29 @@ static at::Tensor unpack(const at::Tensor& buf, int64_t B, int64_t h, int64_t w,
   return out;
 }
 
+// An index of `rows` rows over the layer's `nnz` values: every value is one entry.
 static void check_index(const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, int64_t rows,
-                        const char* what) {
+                        int64_t nnz, const char* what) {
   TORCH_CHECK(ptr.scalar_type() == at::kLong && code.scalar_type() == at::kInt && widx.scalar_type() == at::kInt,
               "siftc: ", what, " index must be (int64 ptr, int32 code, int32 widx)");
   TORCH_CHECK(ptr.is_contiguous() && code.is_contiguous() && widx.is_contiguous(), "siftc: index tensors must be contiguous");
   TORCH_CHECK(ptr.numel() >= rows + 1 && (ptr.numel() - 1) % rows == 0, "siftc: ", what, " index ptr has ",
               ptr.numel(), " entries, not a multiple of ", rows, " rows plus one");
   TORCH_CHECK(code.numel() == widx.numel(), "siftc: ", what, " index code/widx lengths differ");
+  TORCH_CHECK(code.numel() == nnz && ptr.data_ptr<int64_t>()[ptr.numel() - 1] == nnz, "siftc: ", what, " index has ",
+              code.numel(), " entries for ", nnz, " values; rebuild it from the layer's positions (build_index)");
 }
 
-static void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "siftc: native kernels run on CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
+static void check_inputs(const at::Tensor& x, const at::Tensor& values, at::IntArrayRef shape) {
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), "siftc: native kernels run on CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "siftc: native kernels need float32 (or float64) input and weight of one dtype, got ", x.scalar_type(),
-              " and ", weight.scalar_type());
+              "siftc: native kernels need float32 (or float64) input and values of one dtype, got ", x.scalar_type(),
+              " and ", values.scalar_type());
+  int64_t numel = 1;
+  for (const int64_t d : shape) numel *= d;
+  TORCH_CHECK(values.dim() == 1 && values.numel() <= numel, "siftc: values must be the (nnz,) non-zeros of a weight "
+              "of shape ", shape, " (", numel, " entries), got shape ", values.sizes());
 }
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -497,9 +479,9 @@ static PackedGrad pack_grad(const at::Tensor& grad, const ConvShape& s) {
 }
 
 template <typename T>
-static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at::Tensor& fvals_in,
+static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at::Tensor& values,
                              const ConvShape& s, const at::Tensor& tptr, const at::Tensor& tcode,
-                             const at::Tensor& tsrc) {
+                             const at::Tensor& twidx) {
   const int64_t qh = (s.KH - 1) * s.dh, qw = (s.KW - 1) * s.dw;
   const int64_t PH = pg.PH, PW = pg.PW, HD = pg.HD, WD = pg.WD;
   const at::Tensor& d = pg.d;
@@ -509,8 +491,8 @@ static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at
   const int64_t Wx = std::max<int64_t>(0, std::min(s.W, (s.Wo - 1) * s.sw + 1 + qw - s.pw));
   at::Tensor gx = at::empty({s.C, Hx, Wx, s.Bp}, x.options());
   const int64_t R = s.C, npanels = (tptr.numel() - 1) / R;
-  const at::Tensor vals = gather_values<T>(fvals_in.const_data_ptr<T>(), tptr.data_ptr<int64_t>(),
-                                           tsrc.data_ptr<int32_t>(), R, npanels, x.options());
+  const at::Tensor vals = gather_values<T>(values.const_data_ptr<T>(), tptr.data_ptr<int64_t>(),
+                                           twidx.data_ptr<int32_t>(), R, npanels, x.options());
   const int64_t KK = s.KH * s.KW;
   for (int64_t ay = 0; ay < s.sh; ++ay)
     for (int64_t ax = 0; ax < s.sw; ++ax) {
@@ -565,10 +547,11 @@ static at::Tensor grad_input(const PackedGrad& pg, const at::Tensor& x, const at
 
 // ---- ops ---------------------------------------------------------------------------------------------------
 template <typename T>
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
-                                    const ConvShape& s, const at::Tensor& ptr, const at::Tensor& code,
-                                    const at::Tensor& widx) {
-  const at::Tensor weight = weight_in.contiguous();
+static std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const at::Tensor& values_in,
+                                                            const std::optional<at::Tensor>& bias, const ConvShape& s,
+                                                            const at::Tensor& ptr, const at::Tensor& code,
+                                                            const at::Tensor& widx) {
+  const at::Tensor values = values_in.contiguous();
   const at::Tensor xp = pack_input<T>(x, s);
   at::Tensor y = at::empty({s.O, s.Ho, s.Wo, s.Bp}, x.options());
   std::vector<int64_t> koff(s.KH * s.KW);
@@ -578,35 +561,38 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at
              s.Ho * s.Wo * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t npanels = (ptr.numel() - 1) / s.O;
-  const at::Tensor vals = gather_values<T>(weight.const_data_ptr<T>(), ptr.data_ptr<int64_t>(),
-                                           widx.data_ptr<int32_t>(), s.O, npanels, x.options());
+  // one panel: the index is in position order, widx the identity, so the values are read where they are
+  const at::Tensor vals = npanels == 1 ? values
+                                       : gather_values<T>(values.const_data_ptr<T>(), ptr.data_ptr<int64_t>(),
+                                                          widx.data_ptr<int32_t>(), s.O, npanels, x.options());
   spmm<T>(xp.const_data_ptr<T>(), y.data_ptr<T>(), g, ptr, code, vals.const_data_ptr<T>(),
           b.defined() ? b.const_data_ptr<T>() : nullptr);
-  return {unpack<T>(y, s.B, s.Ho, s.Wo, 0, 0, x), xp, vals};
+  return {unpack<T>(y, s.B, s.Ho, s.Wo, 0, 0, x), xp};
 }
 
-// Returns (y, xp, vals): the output, the packed input and the gathered values, which the backward reuses.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_conv2d(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& ptr, const at::Tensor& code,
-    const at::Tensor& widx, const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& tsrc,
-    const at::Tensor& wptr, const at::Tensor& wcode, const at::Tensor& wwidx) {
-  check_inputs(x, weight);
-  const ConvShape s = conv_shape(x, weight, stride, padding, dilation);
-  check_index(ptr, code, widx, s.O, "forward");
-  if (x.scalar_type() == at::kDouble) return conv_forward_impl<double>(x, weight, bias, s, ptr, code, widx);
-  return conv_forward_impl<float>(x, weight, bias, s, ptr, code, widx);
+// values (nnz,) are the non-zeros of a weight of `shape` (O, C, KH, KW). Returns (y, xp): the output and the
+// packed input, which the backward reuses.
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d(
+    const at::Tensor& x, const at::Tensor& values, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& ptr,
+    const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr, const at::Tensor& tcode,
+    const at::Tensor& twidx, const at::Tensor& wptr, const at::Tensor& wcode, const at::Tensor& wwidx) {
+  check_inputs(x, values, shape);
+  const ConvShape s = conv_shape(x, shape, stride, padding, dilation);
+  check_index(ptr, code, widx, s.O, values.numel(), "forward");
+  if (x.scalar_type() == at::kDouble) return conv_forward_impl<double>(x, values, bias, s, ptr, code, widx);
+  return conv_forward_impl<float>(x, values, bias, s, ptr, code, widx);
 }
 
 template <typename T>
 static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& grad, const at::Tensor& x,
-                                                             const at::Tensor& xp, const at::Tensor& vals,
-                                                             const at::Tensor& weight, const ConvShape& s,
-                                                             const at::Tensor& ptr, const at::Tensor& code,
-                                                             const at::Tensor& widx, const at::Tensor& tptr,
-                                                             const at::Tensor& tcode, const at::Tensor& tsrc,
-                                                             bool need_input, bool need_weight) {
-  at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options());
+                                                             const at::Tensor& xp, const at::Tensor& values,
+                                                             const ConvShape& s, const at::Tensor& ptr,
+                                                             const at::Tensor& code, const at::Tensor& widx,
+                                                             const at::Tensor& tptr, const at::Tensor& tcode,
+                                                             const at::Tensor& twidx, bool need_input,
+                                                             bool need_weight) {
+  at::Tensor dx = at::empty({0}, x.options()), dv = at::empty({0}, x.options());
   const PackedGrad pg = pack_grad<T>(grad, s);
   if (need_weight) {
     std::vector<int64_t> koff(s.KH * s.KW);
@@ -615,132 +601,138 @@ static std::tuple<at::Tensor, at::Tensor> conv_backward_impl(const at::Tensor& g
     // A = dY: the interior of the padded dY
     Geometry g{s.O, s.Ho, s.Wo, s.Bp / Vec<T>::lanes, s.sh * s.Wp * s.Bp, s.sw * s.Bp, pg.WD * s.Bp, s.Bp,
                pg.HD * pg.WD * s.Bp, s.Hp * s.Wp * s.Bp, koff.data()};
-    dw = at::empty(weight.sizes(), x.options());
+    dv = at::empty({values.numel()}, x.options());
     sddmm<T>(pg.d.const_data_ptr<T>() + (pg.PH * pg.WD + pg.PW) * s.Bp, xp.const_data_ptr<T>(), g, ptr, code, widx,
-             dw.data_ptr<T>(), s.C * s.KH * s.KW);
+             dv.data_ptr<T>());
   }
-  if (need_input) dx = grad_input<T>(pg, x, vals, s, tptr, tcode, tsrc);
-  return {dx, dw};
+  if (need_input) dx = grad_input<T>(pg, x, values.contiguous(), s, tptr, tcode, twidx);
+  return {dx, dv};
 }
 
-// xp and vals: the forward's packed input and gathered values (sparse_conv2d's second and third outputs).
+// xp: the forward's packed input (sparse_conv2d's second output). Returns (dx, dvalues), dvalues (nnz,).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& xp, const at::Tensor& vals,
-    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& tsrc, const at::Tensor& ptr,
-    const at::Tensor& code, const at::Tensor& widx, bool need_input, bool need_weight) {
-  check_inputs(x, weight);
-  const ConvShape s = conv_shape(x, weight, stride, padding, dilation);
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& xp, const at::Tensor& values, at::IntArrayRef shape,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& tptr,
+    const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& ptr, const at::Tensor& code,
+    const at::Tensor& widx, bool need_input, bool need_weight) {
+  check_inputs(x, values, shape);
+  const ConvShape s = conv_shape(x, shape, stride, padding, dilation);
   TORCH_CHECK(xp.dim() == 4 && xp.size(0) == s.C && xp.size(1) == s.Hp && xp.size(2) == s.Wp && xp.size(3) == s.Bp &&
                   xp.is_contiguous() && xp.scalar_type() == x.scalar_type(),
               "siftc: packed input has shape ", xp.sizes(), ", expected [", s.C, ", ", s.Hp, ", ", s.Wp, ", ", s.Bp,
               "] (sparse_conv2d's second output)");
-  TORCH_CHECK(vals.dim() == 1 && vals.is_contiguous() && vals.scalar_type() == x.scalar_type(),
-              "siftc: values must be sparse_conv2d's third output");
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.B && grad.size(1) == s.O && grad.size(2) == s.Ho &&
                   grad.size(3) == s.Wo && grad.scalar_type() == x.scalar_type(),
               "siftc: conv2d grad_output has shape ", grad.sizes(), ", expected [", s.B, ", ", s.O, ", ", s.Ho, ", ",
               s.Wo, "]");
-  check_index(ptr, code, widx, s.O, "weight-gradient");
-  check_index(tptr, tcode, tsrc, s.C, "transposed");
-  TORCH_CHECK(tcode.numel() == vals.numel(), "siftc: ", vals.numel(), " values for ", tcode.numel(), " index entries");
+  check_index(ptr, code, widx, s.O, values.numel(), "weight-gradient");
+  check_index(tptr, tcode, twidx, s.C, values.numel(), "transposed");
   if (x.scalar_type() == at::kDouble)
-    return conv_backward_impl<double>(grad, x, xp, vals, weight, s, ptr, code, widx, tptr, tcode, tsrc, need_input,
+    return conv_backward_impl<double>(grad, x, xp, values, s, ptr, code, widx, tptr, tcode, twidx, need_input,
                                       need_weight);
-  return conv_backward_impl<float>(grad, x, xp, vals, weight, s, ptr, code, widx, tptr, tcode, tsrc, need_input,
+  return conv_backward_impl<float>(grad, x, xp, values, s, ptr, code, widx, tptr, tcode, twidx, need_input,
                                    need_weight);
 }
 
-// A Linear is the 1x1 convolution of a 1x1 image: (N, in) -> (N, in, 1, 1).
+// A Linear is the 1x1 convolution of a 1x1 image: (N, in) -> (N, in, 1, 1), weight shape (O, C) -> (O, C, 1, 1).
 static at::Tensor as_image(const at::Tensor& t) { return t.as_strided({t.size(0), t.size(1), 1, 1}, {t.stride(0), t.stride(1), 1, 1}); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
-    const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr, const at::Tensor& tcode,
-    const at::Tensor& tsrc, const at::Tensor& wptr, const at::Tensor& wcode, const at::Tensor& wwidx) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "siftc: sparse_linear expects 2-d input and weight");
-  auto [y, xp, vals] = sparse_conv2d(as_image(x), as_image(weight), bias, {1, 1}, {0, 0}, {1, 1}, ptr, code, widx,
-                                     tptr, tcode, tsrc, wptr, wcode, wwidx);
+static std::vector<int64_t> linear_shape(const at::Tensor& x, at::IntArrayRef shape, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && shape.size() == 2, "siftc: ", op, " expects a 2-d input and a 2-d weight shape, got ",
+              x.dim(), "-d input and weight shape ", shape);
+  return {shape[0], shape[1], 1, 1};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_linear(
+    const at::Tensor& x, const at::Tensor& values, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
+    const at::Tensor& ptr, const at::Tensor& code, const at::Tensor& widx, const at::Tensor& tptr,
+    const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& wptr, const at::Tensor& wcode,
+    const at::Tensor& wwidx) {
+  const auto shape4 = linear_shape(x, shape, "sparse_linear");
+  auto [y, xp] = sparse_conv2d(as_image(x), values, shape4, bias, {1, 1}, {0, 0}, {1, 1}, ptr, code, widx, tptr, tcode,
+                               twidx, wptr, wcode, wwidx);
   // _unsafe_view: y is fresh, so its (N, out) shape is not a view autograd must protect; a view output of
   // an op with an autograd formula cannot be modified in place (ReLU(inplace=True) right after the layer).
-  return {at::_unsafe_view(y, {x.size(0), weight.size(0)}), xp, vals};
+  return {at::_unsafe_view(y, {x.size(0), shape[0]}), xp};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& xp, const at::Tensor& vals, const at::Tensor& weight,
-    const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& tsrc, const at::Tensor& wptr,
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& xp, const at::Tensor& values, at::IntArrayRef shape,
+    const at::Tensor& tptr, const at::Tensor& tcode, const at::Tensor& twidx, const at::Tensor& wptr,
     const at::Tensor& wcode, const at::Tensor& wwidx, bool need_input, bool need_weight) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && grad.dim() == 2, "siftc: sparse_linear_backward expects 2-d tensors");
-  auto [dx, dw] = sparse_conv2d_backward(as_image(grad), as_image(x), xp, vals, as_image(weight), {1, 1}, {0, 0},
-                                         {1, 1}, tptr, tcode, tsrc, wptr, wcode, wwidx, need_input, need_weight);
+  const auto shape4 = linear_shape(x, shape, "sparse_linear_backward");
+  TORCH_CHECK(grad.dim() == 2, "siftc: sparse_linear_backward expects a 2-d grad_output, got ", grad.dim(), "-d");
+  auto [dx, dv] = sparse_conv2d_backward(as_image(grad), as_image(x), xp, values, shape4, {1, 1}, {0, 0}, {1, 1},
+                                         tptr, tcode, twidx, wptr, wcode, wwidx, need_input, need_weight);
   if (need_input) dx = dx.view({x.size(0), x.size(1)});
-  if (need_weight) dw = dw.view({weight.size(0), weight.size(1)});
-  return {dx, dw};
+  return {dx, dv};
 }
 
-// mask viewed as (O, C, KK). Returns (ptr, code, widx) for rows O grouped by C (transpose=false) or rows C
-// grouped by O (transpose=true), column panels of `panel` groups.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> build_index(const at::Tensor& mask_in, int64_t kk, int64_t panel,
-                                                           bool transpose) {
-  TORCH_CHECK(mask_in.scalar_type() == at::kBool, "siftc: build_index needs a bool mask");
-  TORCH_CHECK(kk >= 1 && kk <= (1 << kCodeShift) && panel >= 1, "siftc: build_index kk in [1, 256], panel >= 1");
-  TORCH_CHECK(mask_in.numel() < (int64_t(1) << 31), "siftc: weight has more than 2^31 entries");
-  const at::Tensor mask = mask_in.contiguous();
-  const int64_t O = mask.size(0), C = mask.numel() / std::max<int64_t>(1, O * kk);
-  TORCH_CHECK(O * C * kk == mask.numel(), "siftc: mask of ", mask.numel(), " entries is not (O, C, ", kk, ")");
+// positions: the (nnz,) ascending flat indices of the non-zeros in a dense weight of `shape`, viewed as
+// (O, C, KK). Returns (ptr, code, widx) for rows O grouped by C (transpose=false) or rows C grouped by O
+// (transpose=true), column panels of `panel` groups; widx[n] is entry n's index in the values. O(nnz): one
+// pass counts the entries of each (panel, row) bucket, one fills them, in position order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> build_index(const at::Tensor& positions_in, at::IntArrayRef shape,
+                                                           int64_t panel, bool transpose) {
+  TORCH_CHECK(positions_in.scalar_type() == at::kInt && positions_in.dim() == 1,
+              "siftc: build_index needs the (nnz,) int32 positions, got ", positions_in.scalar_type(), " of shape ",
+              positions_in.sizes());
+  TORCH_CHECK(shape.size() >= 2, "siftc: build_index needs a weight shape of at least 2 dims, got ", shape);
+  TORCH_CHECK(panel >= 1, "siftc: build_index panel must be >= 1, got ", panel);
+  const int64_t O = shape[0], C = shape[1];
+  int64_t kk = 1;
+  for (size_t i = 2; i < shape.size(); ++i) kk *= shape[i];
+  TORCH_CHECK(kk >= 1 && kk <= (1 << kCodeShift), "siftc: build_index kernel of ", kk, " positions, need 1..256");
+  TORCH_CHECK(O * C * kk < (int64_t(1) << 31), "siftc: weight of shape ", shape, " has more than 2^31 entries");
   TORCH_CHECK((transpose ? O : C) < (int64_t(1) << (31 - kCodeShift)), "siftc: too many channels for the index");
+  const at::Tensor positions = positions_in.contiguous();
+  const int32_t* pos = positions.const_data_ptr<int32_t>();
+  const int64_t nnz = positions.numel();
+  for (int64_t n = 0; n < nnz; ++n)
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < O * C * kk && (n == 0 || pos[n] > pos[n - 1]), "siftc: positions must be "
+                "ascending, distinct and in [0, ", O * C * kk, "); entry ", n, " is ", pos[n],
+                n ? " after " : "", n ? std::to_string(pos[n - 1]) : std::string());
   const int64_t R = transpose ? C : O, G = transpose ? O : C;
   const int64_t np = (G + panel - 1) / panel;
   if (np > 0) panel = (G + np - 1) / np;  // balanced: the same panel count, no small last panel
-  const bool* m = mask.const_data_ptr<bool>();
+  auto bucket = [&](int64_t p) {
+    const int64_t o = p / (C * kk), c = p / kk % C;
+    return transpose ? (o / panel) * R + c : (c / panel) * R + o;
+  };
   at::Tensor ptr_t = at::zeros({np * R + 1}, at::kLong);
   int64_t* ptr = ptr_t.data_ptr<int64_t>();
-  auto bucket = [&](int64_t o, int64_t c) { return transpose ? (o / panel) * R + c : (c / panel) * R + o; };
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t c = 0; c < C; ++c) {
-      const bool* e = m + (o * C + c) * kk;
-      int64_t cnt = 0;
-      for (int64_t k = 0; k < kk; ++k) cnt += e[k];
-      ptr[bucket(o, c) + 1] += cnt;
-    }
+  for (int64_t n = 0; n < nnz; ++n) ++ptr[bucket(pos[n]) + 1];
   for (int64_t i = 0; i < np * R; ++i) ptr[i + 1] += ptr[i];
-  const int64_t nnz = ptr[np * R];
   at::Tensor code_t = at::empty({nnz}, at::kInt), widx_t = at::empty({nnz}, at::kInt);
   int32_t* code = code_t.data_ptr<int32_t>();
   int32_t* widx = widx_t.data_ptr<int32_t>();
   std::vector<int64_t> cur(ptr, ptr + np * R);
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (o * C + c) * kk;
-      const bool* e = m + base;
-      int64_t* cu = &cur[bucket(o, c)];
-      const int64_t g = transpose ? o : c;
-      for (int64_t k = 0; k < kk; ++k)
-        if (e[k]) {
-          code[*cu] = int32_t((g << kCodeShift) | k);
-          widx[*cu] = int32_t(base + k);
-          ++*cu;
-        }
-    }
+  for (int64_t n = 0; n < nnz; ++n) {  // ascending positions: each bucket fills in (column, kernel) order
+    const int64_t p = pos[n], o = p / (C * kk), c = p / kk % C, k = p % kk;
+    const int64_t e = cur[bucket(p)]++;
+    code[e] = int32_t(((transpose ? o : c) << kCodeShift) | k);
+    widx[e] = int32_t(n);
+  }
   return {ptr_t, code_t, widx_t};
 }
 
 TORCH_LIBRARY(siftc, m) {
-  m.def("build_index(Tensor mask, int kk, int panel, bool transpose) -> (Tensor, Tensor, Tensor)");
-  // Three indexes: forward (rows = outputs), grad input (rows = inputs), grad weight (rows = outputs, its
-  // panels sized for the weight gradient's partial sums). Forward takes all three so autograd can save them.
-  // The grad-input index's third tensor, tsrc, holds each entry's position in the forward index (not in the
-  // weight). The forward returns (y, packed input, gathered values); the backward takes the last two.
-  m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ptr, Tensor code, Tensor widx, "
-        "Tensor tptr, Tensor tcode, Tensor tsrc, Tensor wptr, Tensor wcode, Tensor wwidx) -> (Tensor, Tensor, Tensor)");
-  m.def("sparse_linear_backward(Tensor grad, Tensor x, Tensor xp, Tensor vals, Tensor weight, Tensor tptr, "
-        "Tensor tcode, Tensor tsrc, Tensor wptr, Tensor wcode, Tensor wwidx, bool need_input, bool need_weight) "
+  m.def("build_index(Tensor positions, int[] shape, int panel, bool transpose) -> (Tensor, Tensor, Tensor)");
+  // `values` (nnz,) and `shape` (the dense weight's) stand for the weight. Three indexes: forward (rows =
+  // outputs), grad input (rows = inputs), grad weight (rows = outputs, its panels sized for the weight
+  // gradient's partial sums); each one's third tensor is its entries' indexes in `values`. The forward takes
+  // all three so autograd can save them, and returns (y, packed input); the backward takes the packed input
+  // and returns (dx, dvalues), dvalues (nnz,).
+  m.def("sparse_linear(Tensor x, Tensor values, int[] shape, Tensor? bias, Tensor ptr, Tensor code, Tensor widx, "
+        "Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, Tensor wwidx) -> (Tensor, Tensor)");
+  m.def("sparse_linear_backward(Tensor grad, Tensor x, Tensor xp, Tensor values, int[] shape, Tensor tptr, "
+        "Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, Tensor wwidx, bool need_input, bool need_weight) "
         "-> (Tensor, Tensor)");
-  m.def("sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-        "Tensor ptr, Tensor code, Tensor widx, Tensor tptr, Tensor tcode, Tensor tsrc, Tensor wptr, "
-        "Tensor wcode, Tensor wwidx) -> (Tensor, Tensor, Tensor)");
-  m.def("sparse_conv2d_backward(Tensor grad, Tensor x, Tensor xp, Tensor vals, Tensor weight, int[2] stride, "
-        "int[2] padding, int[2] dilation, Tensor tptr, Tensor tcode, Tensor tsrc, Tensor wptr, Tensor wcode, "
+  m.def("sparse_conv2d(Tensor x, Tensor values, int[] shape, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, Tensor ptr, Tensor code, Tensor widx, Tensor tptr, Tensor tcode, Tensor twidx, "
+        "Tensor wptr, Tensor wcode, Tensor wwidx) -> (Tensor, Tensor)");
+  m.def("sparse_conv2d_backward(Tensor grad, Tensor x, Tensor xp, Tensor values, int[] shape, int[2] stride, "
+        "int[2] padding, int[2] dilation, Tensor tptr, Tensor tcode, Tensor twidx, Tensor wptr, Tensor wcode, "
         "Tensor wwidx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
 
