@@ -19,10 +19,9 @@ Layers left as they are cost nothing new: the converted model shares them with t
 Sparse Wide's widths come from its group analysis, inside the pass. Before it, a sparse layer is counted
 at its dense budget of non-zeros (wide never gives it more) and a mask k^2 times its dense size (both
 sides widened), a dense one at k times its weights (one side widened: the stem and the head keep the
-model's input and output widths). Wide then runs the widened graph once to check its shapes, on the
-masked-dense reference: each sparse layer's dense weight is materialised (twice, while it is built),
-which at high sparsity outweighs everything else (measured: a 2048-wide hidden Linear at sparsity 0.99,
-estimated 3.2 GiB, grew the peak RSS of `siftc convert` by 3.3 GiB).
+model's input and output widths). Wide then runs the widened graph once to check its shapes, with every
+sparse layer giving zeros of its output's shape (siftc.nn.sparse.shapes_only), so no dense weight is
+built.
 
 SIFTC_MEMORY_LIMIT (bytes, or a number with K, M, G or T: binary units) replaces the available memory:
 to leave room for other work, or to test the refusal.
@@ -35,15 +34,12 @@ from typing import NamedTuple
 from siftc import solve
 from siftc.errors import UsageError
 from siftc.layers import fan_in_out, layer_type
-from siftc.nn.sparse import BIG_MASK
+from siftc.nn.sparse import drawing_bytes
 from siftc.passes.select import choose
 
 ENV = "SIFTC_MEMORY_LIMIT"
 MEMINFO = "/proc/meminfo"
 POSITION_BYTES = 4  # int32 flat positions
-INDEX_BYTES = 8     # int64 indices of a new mask's non-zeros, before they are packed to int32
-DRAW_BYTES = 48     # peak per non-zero of positions drawn without a mask (int64 draws, cat, unique)
-DENSE_COPIES = 2    # wide's shape check runs masked dense: a zero weight, then one with the values put in
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 FIX = {"parallel": "lower --sparsity (fewer branches)", "wide": "lower --sparsity (narrower widths)"}
 
@@ -92,19 +88,12 @@ def _layer(kind: str, m, sparsity: float, transform: bool) -> tuple[int, int]:
     bias = d_out * item if getattr(m, "bias", None) is not None else 0
     if kind == "wide":
         b = d_in * d_out  # its non-zeros, at most
-        numel = round(k2 * b)  # its widened weight's entries: drawn from, then materialised by the check
+        numel = round(k2 * b)  # its widened weight's entries, which its positions are drawn from
         held = b * (item + POSITION_BYTES) + round(math.sqrt(k2) * bias)
-        return held, max(_drawing(numel, b), DENSE_COPIES * numel * item)
+        return held, drawing_bytes(numel, b)
     shape = solve.SOLVERS[kind](d_in, d_out, sparsity)
     held = sum(shape.nnz) * (item + POSITION_BYTES) + shape.dense_weights * item + len(shape.nnz) * bias
-    return held, max(_drawing(c, n) for c, n in zip(shape.capacity, shape.nnz))
-
-
-def _drawing(numel: int, nnz: int) -> int:
-    """Bytes taken while `siftc.nn.sparse.random_positions` draws `nnz` of `numel` positions (its rule)."""
-    if numel > BIG_MASK and 8 * nnz < numel:
-        return DRAW_BYTES * nnz
-    return numel + INDEX_BYTES * nnz
+    return held, max(drawing_bytes(c, n) for c, n in zip(shape.capacity, shape.nnz))
 
 
 def available() -> tuple[int, str] | None:

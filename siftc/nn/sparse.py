@@ -14,10 +14,12 @@ caches index structures (CSR, per-layer timings) knows to rebuild them. A state 
 is packed at its `mask` if it has one, else at the layer's positions.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from siftc.errors import UsageError
 from siftc.runtime import get_backend
 
 
@@ -73,10 +75,12 @@ def random_positions(shape, nnz: int, generator: torch.Generator | None = None) 
     """(nnz,) int32: `nnz` distinct flat positions of a weight of `shape`, ascending, uniformly random."""
     numel = math.prod(shape)
     if numel >= 1 << 31:
-        raise ValueError(f"a sparse weight of shape {tuple(shape)} has more than 2^31 entries")
+        raise UsageError(f"a sparse layer of shape {'x'.join(map(str, shape))} has {numel:,} dense entries, more "
+                         f"than its int32 positions can address (2^31); lower the sparsity (narrower or fewer "
+                         f"parts) or keep that layer dense (--keep-dense)")
     if not 0 <= nnz <= numel:
         raise ValueError(f"nnz={nnz} must be in [0, {numel}] for a weight of shape {tuple(shape)}")
-    if numel > BIG_MASK and 8 * nnz < numel:  # draw the positions themselves, not a numel-byte mask
+    if _without_mask(numel, nnz):  # draw the positions themselves, not a numel-byte mask
         return _draw_distinct(numel, nnz, generator).to(torch.int32)
     return _random_subset(numel, nnz, generator).nonzero().squeeze(1).to(torch.int32)
 
@@ -84,6 +88,17 @@ def random_positions(shape, nnz: int, generator: torch.Generator | None = None) 
 BIG_MASK = 1 << 28
 """Entries above which a sparse layer's positions are drawn without a dense boolean mask: the mask is
 faster (1.8 s against 2.5 s for 9M of 900M positions) but takes a byte per dense entry."""
+INDEX_BYTES = 8  # int64 indices of a mask's non-zeros, before they are packed to int32
+DRAW_BYTES = 48  # peak per non-zero of positions drawn without a mask (int64 draws, cat, unique; measured)
+
+
+def _without_mask(numel: int, nnz: int) -> bool:
+    return numel > BIG_MASK and 8 * nnz < numel
+
+
+def drawing_bytes(numel: int, nnz: int) -> int:
+    """Peak bytes `random_positions` takes to draw `nnz` of `numel` positions (for memory estimates)."""
+    return DRAW_BYTES * nnz if _without_mask(numel, nnz) else numel + INDEX_BYTES * nnz
 
 
 def _draw_distinct(n: int, k: int, generator) -> torch.Tensor:
@@ -279,6 +294,21 @@ class SparseConv1d(_SparseConv, nn.Conv1d):
 
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d, SparseConv1d)
+
+
+@contextmanager
+def shapes_only(model: nn.Module):
+    """Inside, every sparse layer of `model` returns zeros of its output's shape and computes nothing
+    (siftc.runtime.shapes): to check a rewritten graph's shapes without building dense-shaped weights."""
+    layers = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
+    saved = [m.backend for m in layers]
+    for m in layers:
+        m.backend = "shapes"
+    try:
+        yield model
+    finally:
+        for m, name in zip(layers, saved):
+            m.backend = name
 
 
 def set_backend(model: nn.Module, name: str) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import nn
 
 from siftc import flops, layers, solve
 from siftc.errors import TraceError, UsageError
-from siftc.nn.sparse import SPARSE_LAYERS
+from siftc.nn.sparse import SPARSE_LAYERS, shapes_only
 from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
@@ -286,7 +286,8 @@ def _check_shapes(gm, width):
               for n in gm.graph.nodes if n.op == "placeholder"]
     predicted = {n: _new_shape(n, width) for n in gm.graph.nodes if isinstance(n.meta.get("siftc.dims"), tuple)}
     try:
-        record_shapes(gm, inputs)
+        with shapes_only(gm):  # sparse layers give zeros of their shapes: no dense weight is built
+            record_shapes(gm, inputs)
     except NodeFailed as e:
         raise TraceError(f"wide: the widened graph does not run at node {e.node.name}: {e.first_line}; a size in "
                          f"the model is not derived from its inputs (keep that layer dense or report it)") from e.error

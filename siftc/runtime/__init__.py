@@ -10,6 +10,7 @@ from siftc.errors import UsageError
 from siftc.runtime.auto import AutoBackend
 from siftc.runtime.masked import MaskedDense
 from siftc.runtime.native import Native
+from siftc.runtime.shapes import ShapesOnly
 from siftc.runtime.sparseprop_backend import SparseProp
 
 _TORCH, _NATIVE = MaskedDense(), Native()
@@ -19,10 +20,11 @@ BACKENDS = {
     "auto": AutoBackend({"native": _NATIVE, "torch": _TORCH}),  # per layer, the faster, timed once and recorded
     "sparseprop": SparseProp(),  # SparseProp's kernels (see sparseprop_backend.INSTALL), a peer to compare
 }
+INTERNAL = {"shapes": ShapesOnly()}  # not a --backend choice: siftc.nn.sparse.shapes_only uses it
 
 
 def get_backend(name: str):
     try:
-        return BACKENDS[name]
+        return BACKENDS[name] if name in BACKENDS else INTERNAL[name]
     except KeyError:
         raise UsageError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}") from None
