@@ -24,7 +24,7 @@ from siftc.errors import UsageError
 from siftc.nn.sparse import set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
-from siftc.artifact import FORMAT as ARTIFACT
+from siftc.artifact import FORMAT as ARTIFACT, pack_state, unpack_state
 from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_file, write_json
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
@@ -317,7 +317,7 @@ def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world,
         states = [mine]
     if lead:
         log.sync()
-        checkpoint.save(out, {"run_id": run_id, "step": step, "model": model.state_dict(),
+        checkpoint.save(out, {"run_id": run_id, "step": step, "model": pack_state(model.state_dict()),
                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                               "rng": [rng for rng, _ in states], "auto_choices": [c for _, c in states],
                               "metrics_offset": log.tell(), "elapsed": elapsed})
@@ -325,7 +325,7 @@ def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world,
 
 def _fits(model, state, out):
     try:
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(unpack_state(state["model"], out / "checkpoint.pt"), strict=True)
     except (RuntimeError, KeyError) as e:
         raise UsageError(f"{out / 'checkpoint.pt'} does not fit this run's model "
                          f"({' '.join(str(e).split())[:200]}); it is from another run: delete it "
