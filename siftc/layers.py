@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from siftc.nn.attention import unsupported
 from siftc.nn.sparse import SPARSE_LAYERS as SPARSE
 from siftc.nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
 
@@ -205,11 +206,13 @@ class Untransformed(LayerType):
 
 
 class PackedAttention(LayerType):
-    """nn.MultiheadAttention: its q/k/v projections are one packed parameter (`in_proj_weight`, or three
-    when kdim/vdim differ) run inside F.multi_head_attention_forward, not Linear layers, so no kind can
-    sparsify them one by one, and its embed_dim is heads x head_dim, which Sparse Wide keeps. It is left
-    as is and its widths stay fixed (`siftc.passes.layer_rules.packed_attention`); its projections are
-    not weight FLOPs here (no Linear of it runs as a module), before or after."""
+    """nn.MultiheadAttention that conversion did not split into Linear layers (`siftc.nn.attention`: one
+    `unsupported` names, such as add_bias_kv=True, one inside a leaf or kept by --leaf): its q/k/v
+    projections are one packed parameter (`in_proj_weight`, or three when kdim/vdim differ) run inside
+    F.multi_head_attention_forward, so no kind can sparsify them one by one, and its embed_dim is heads x
+    head_dim, which Sparse Wide keeps. It is left as is and its widths stay fixed
+    (`siftc.passes.layer_rules.packed_attention`); its projections are not weight FLOPs here (no Linear of
+    it runs as a module), before or after."""
     counted = False
     transforms = False
     sides = ()
@@ -217,7 +220,9 @@ class PackedAttention(LayerType):
            "embed_dim is heads x head_dim: left as is, its widths kept")
 
     def refusal(self, m):
-        return self.WHY, True
+        why = unsupported(m)
+        return (f"{self.WHY}; not split into Linear layers: {why}" if why else
+                f"{self.WHY}; kept whole (inside a leaf module or a --leaf match)"), True
 
     def dense_shape(self, m):
         w = m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight

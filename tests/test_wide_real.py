@@ -172,6 +172,7 @@ def test_multihead_attention_is_skipped_with_its_reason(kind, need_weights):
     report = gm.siftc_info.report
     rec = {r["name"]: r for r in report["layers"]}
     assert rec["attn"]["kind"] == "skipped" and "in_proj_weight" in rec["attn"]["reason"]
+    assert "not split into Linear layers: add_bias_kv=True" in rec["attn"]["reason"]  # the reason it stayed packed
     assert rec["attn"]["dense_shape"] == [96, 32] and rec["attn"]["search_space"] == 4 * 32 * 32
     assert rec["fc1"]["kind"] == rec["fc2"]["kind"] == kind
     assert abs(report["flop_ratio"] - 1) <= 0.005
