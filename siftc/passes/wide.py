@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
 from siftc import flops, layers, solve
@@ -285,9 +286,9 @@ def _check_shapes(gm, width):
     inputs = [torch.zeros(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
               for n in gm.graph.nodes if n.op == "placeholder"]
     predicted = {n: _new_shape(n, width) for n in gm.graph.nodes if isinstance(n.meta.get("siftc.dims"), tuple)}
-    try:
-        with shapes_only(gm):  # sparse layers give zeros of their shapes: no dense weight is built
-            record_shapes(gm, inputs)
+    try:  # on fake tensors, and sparse layers give zeros of their shapes: nothing is computed or built
+        with shapes_only(gm), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            record_shapes(gm, [fake.from_tensor(t) for t in inputs])
     except NodeFailed as e:
         raise TraceError(f"wide: the widened graph does not run at node {e.node.name}: {e.first_line}; a size in "
                          f"the model is not derived from its inputs (keep that layer dense or report it)") from e.error
