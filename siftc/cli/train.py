@@ -2,7 +2,7 @@
 import click
 from click.core import ParameterSource
 
-from siftc.cli.options import defaults
+from siftc.cli.options import defaults, trust_source_option
 from siftc.runtime import BACKENDS
 from siftc.sparse import DISTRIBUTIONS, METHODS
 from siftc.train import OPTIMIZERS, TrainConfig
@@ -35,7 +35,7 @@ class RichProgress:
         elif kind == "eval":
             self.bar.console.print(f"step {event['step']}: val loss {event['val_loss']:.4f}, "
                                    f"val acc {event['val_acc']:.2%}")
-        elif kind == "end":
+        elif kind in ("end", "interrupted"):
             self.bar.stop()
 
 
@@ -75,8 +75,9 @@ class RichProgress:
               help="Continue RUN/ from its last checkpoint, with the settings it was started with.")
 @click.option("--force", is_flag=True, help="Replace the run directory if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@trust_source_option
 @click.pass_context
-def train(ctx, artifact, data, output, resume, force, quiet, **options):
+def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **options):
     """Train ARTIFACT (a directory from `siftc convert`) on --data with a sparse mask scheduler.
 
     \b
@@ -85,8 +86,9 @@ def train(ctx, artifact, data, output, resume, force, quiet, **options):
       siftc train out/mlp-wide75 --data data/digits.npz --method rigl --epochs 20 -o runs/mlp-rigl
       siftc train --resume runs/mlp-rigl      # after an interruption
     """
+    from siftc.artifact import trusting
     from siftc.errors import UsageError
-    from siftc.train.loop import resume as resume_run, train as run_training
+    from siftc.train.loop import Interrupted, resume as resume_run, train as run_training
 
     progress = None if quiet else RichProgress()
     if resume:
@@ -95,14 +97,19 @@ def train(ctx, artifact, data, output, resume, force, quiet, **options):
         if given:
             raise UsageError(f"--resume takes every setting from {resume}/run.json; drop "
                              f"{', '.join(given)}")
-        summary = resume_run(resume, progress)  # with the settings the run was started with
     else:
         missing = [flag for flag, v in (("ARTIFACT", artifact), ("--data", data), ("-o", output)) if not v]
         if missing:
             raise UsageError(f"missing {', '.join(missing)}; e.g. siftc train out/mlp-par90 --data "
                              f"data/digits.npz -o runs/mlp (or --resume RUN)")
         cfg = TrainConfig(artifact=artifact, data=data, out=output, **options)
-        summary = run_training(cfg, progress, force=force)
+    try:
+        with trusting(trust_source):  # --trust-source: the artifact may import its model file
+            summary = (resume_run(resume, progress) if resume  # with the settings the run was started with
+                       else run_training(cfg, progress, force=force))
+    except Interrupted as e:  # Ctrl-C or SIGTERM: checkpointed; its last line is the resume command
+        click.echo(f"siftc: stopped by {e}", err=True)
+        ctx.exit(e.code)
     _print_summary(summary, resume or output)
 
 

@@ -5,13 +5,24 @@ mask scheduler on a runtime backend, checkpoint, evaluate, and save the trained 
     >>> summary = train(TrainConfig("out/mlp-par90", "data/digits.npz", "runs/mlp", method="rigl", steps=500))
 
 The library never prints: pass `progress`, a callable taking event dicts ({"event": "start" | "step" |
-"eval" | "end", ...}); only rank 0 calls it.
+"eval" | "interrupted" | "end", ...}); only rank 0 calls it.
+
+SIGINT and SIGTERM stop a run between steps: the step in progress finishes, a checkpoint is written at
+it, and `Interrupted` is raised (its message ends with the `siftc train --resume RUN` line; `.code` is
+130 or 143, the shell's status for the signal). With --nproc, the launching process passes the signal
+on to its workers, and every rank learns of it through a flag all-reduced after each step, so all of
+them stop at the same step.
 """
 import json
 import math
+import multiprocessing
 import os
+import shlex
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import siftc
-from siftc.errors import UsageError
+from siftc.errors import SiftcError, UsageError
 from siftc.nn.sparse import set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
@@ -32,6 +43,17 @@ from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.flops import training_flops
 
 AUTO = BACKENDS["auto"]  # its per-layer choices are checkpointed: a resumed run keeps them
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a cluster's preemption
+
+
+class Interrupted(SiftcError):
+    """A signal stopped the run after a step; the checkpoint holds that step. The message starts with
+    the signal's name and ends with the command that resumes the run."""
+
+    @property
+    def code(self) -> int:
+        """The shell's exit status for the signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
+        return 128 + signal.Signals[str(self).split()[0]]
 
 
 def prepare(cfg: TrainConfig):
@@ -145,7 +167,8 @@ def _go(cfg: TrainConfig, run_id: str, progress, prepared) -> dict:
     """Run in this process or launch cfg.nproc of them; the summary they wrote."""
     if cfg.nproc > 1:
         from siftc.train.distributed import launch
-        launch(cfg, run_id, progress)
+        with _on_stop_signals(_pass_to_workers):  # each worker checkpoints and raises Interrupted
+            launch(cfg, run_id, progress)
     else:
         run(cfg, run_id, progress, prepared=prepared)
     return json.loads((Path(cfg.out) / "summary.json").read_text())
@@ -183,42 +206,47 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     t0, window, n_window = time.perf_counter() - elapsed0, 0.0, 0
     t_window = time.perf_counter()
     kept = step0 if state is not None else None  # the step the run's checkpoint holds
-    for step in range(step0, steps):
-        model.train()
-        x, y = data.batch(step, cfg.batch_size, cfg.seed, rank, world)
-        loss = _loss(logits_of(net(x)), y)
-        value = loss.item()
-        if not _finite_everywhere(value, world):
-            raise _diverged(cfg, step + 1, f"the loss is {value}", kept)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        record = sched.step()
-        done = step + 1
-        window, n_window = window + value, n_window + 1
-        if record and lead:
-            log.write({"step": done, "mask_update": record["drop_fraction"],
-                       "changed": sum(record["changed"].values())})
-        if done % cfg.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            rate = n_window * cfg.batch_size / max(now - t_window, 1e-9)
-            if lead:
-                log.write({"step": done, "loss": window / n_window, "items_per_s": rate,
-                           "elapsed": now - t0})
-            emit({"event": "step", "step": done, "loss": window / n_window, "items_per_s": rate})
-            window, n_window, t_window = 0.0, 0, now
-        if lead and (done % eval_every == 0 or done == steps):
-            val = evaluate(model, data)
-            log.write({"step": done, **val})
-            emit({"event": "eval", "step": done, **val})
-        if done % cfg.checkpoint_every == 0 or done == steps:
-            bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-            if bad:  # equal on every rank (DDP), so every rank stops here
-                raise _diverged(cfg, done, f"{bad[0]} is not finite{f' (and {len(bad) - 1} more)' * (len(bad) > 1)}",
-                                kept)
-            _checkpoint(out, run_id, model, optimizer, sched, done, log, time.perf_counter() - t0, world,
-                        lead)
-            kept = done
+    signals = []  # the stop signals this process received, oldest first
+    with _on_stop_signals(signals.append):
+        for step in range(step0, steps):
+            model.train()
+            x, y = data.batch(step, cfg.batch_size, cfg.seed, rank, world)
+            loss = _loss(logits_of(net(x)), y)
+            value = loss.item()
+            if not _finite_everywhere(value, world):
+                raise _diverged(cfg, step + 1, f"the loss is {value}", kept)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            record = sched.step()
+            done = step + 1
+            window, n_window = window + value, n_window + 1
+            if record and lead:
+                log.write({"step": done, "mask_update": record["drop_fraction"],
+                           "changed": sum(record["changed"].values())})
+            if done % cfg.log_every == 0 or done == steps:
+                now = time.perf_counter()
+                rate = n_window * cfg.batch_size / max(now - t_window, 1e-9)
+                if lead:
+                    log.write({"step": done, "loss": window / n_window, "items_per_s": rate,
+                               "elapsed": now - t0})
+                emit({"event": "step", "step": done, "loss": window / n_window, "items_per_s": rate})
+                window, n_window, t_window = 0.0, 0, now
+            if lead and (done % eval_every == 0 or done == steps):
+                val = evaluate(model, data)
+                log.write({"step": done, **val})
+                emit({"event": "eval", "step": done, **val})
+            stop = _stop_signal(signals, world) if done < steps else 0  # the last step just finishes
+            if stop or done % cfg.checkpoint_every == 0 or done == steps:
+                _check_finite(model, cfg, done, kept)  # equal on every rank (DDP): all stop here
+                _checkpoint(out, run_id, model, optimizer, sched, done, log, time.perf_counter() - t0, world,
+                            lead)
+                kept = done
+            if stop:
+                emit({"event": "interrupted", "step": done})
+                raise Interrupted(f"{signal.Signals(stop).name} at step {done} of {steps}: "
+                                  f"{out / 'checkpoint.pt'} holds it; continue with\n"
+                                  f"siftc train --resume {shlex.quote(str(out))}")
     if world > 1:
         _check_ranks_agree(model)
     if lead:
@@ -227,12 +255,48 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
         emit({"event": "end", **summary})
 
 
+@contextmanager
+def _on_stop_signals(handler):
+    """SIGINT and SIGTERM call handler(signum) instead of stopping the process, until the block ends.
+    Signals can only be caught in the main thread; elsewhere they keep their usual effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, lambda signum, frame: handler(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def _pass_to_workers(signum: int):
+    """The launcher's handler: its workers (torch.multiprocessing children) stop; it waits for them."""
+    for worker in multiprocessing.active_children():
+        os.kill(worker.pid, signum)
+
+
+def _stop_signal(signals: list, world: int) -> int:
+    """The signal that stops the run after this step, 0 for none; the same on every rank (each rank's
+    first signal, the largest of them: one all-reduced int a step)."""
+    stop = torch.tensor([signals[0] if signals else 0])
+    if world > 1:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return int(stop.item())
+
+
 def _finite_everywhere(value: float, world: int) -> bool:
     """Whether the loss is finite on every rank (each rank learns the same answer, so all stop together)."""
     bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
     if world > 1:
         dist.all_reduce(bad)
     return not bad.item()
+
+
+def _check_finite(model, cfg: TrainConfig, step: int, kept: int | None):
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise _diverged(cfg, step, f"{bad[0]} is not finite{f' (and {len(bad) - 1} more)' * (len(bad) > 1)}", kept)
 
 
 def _diverged(cfg: TrainConfig, step: int, what: str, kept: int | None) -> UsageError:
