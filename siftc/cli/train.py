@@ -11,14 +11,27 @@ from siftc.train import OPTIMIZERS, TrainConfig
 DEFAULT = defaults(TrainConfig)
 
 
-class RichProgress:
-    """Progress bar (loss, items/s, ETA) and evaluation lines on the terminal. Picklable, so rank 0 of a
-    multi-process run can draw it too."""
+class Warnings:
+    """The progress of a --quiet run: warnings only, on stderr. Picklable, as every progress is, so
+    rank 0 of a multi-process run can show it too."""
+
+    def __call__(self, event):
+        if event["event"] == "warning":
+            click.echo(f"siftc: warning: {event['message']}", err=True)
+        else:
+            self.show(event)
+
+    def show(self, event):
+        pass
+
+
+class RichProgress(Warnings):
+    """Progress bar (loss, items/s, ETA) and evaluation lines on the terminal."""
 
     def __init__(self):
         self.bar = None
 
-    def __call__(self, event):
+    def show(self, event):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
         kind = event["event"]
@@ -90,7 +103,7 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
     from siftc.errors import UsageError
     from siftc.train.loop import Interrupted, resume as resume_run, train as run_training
 
-    progress = None if quiet else RichProgress()
+    progress = Warnings() if quiet else RichProgress()
     if resume:
         given = [name for name in ("artifact", "data", "output", "force", *options)
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
@@ -117,7 +130,7 @@ def _print_summary(s: dict, run: str):
     f = s["flops"]
     val = f"val loss {s['val_loss']:.4f}, val acc {s['val_acc']:.2%}" if "val_loss" in s else "no validation"
     rate = f"{s['steps_per_s']:.1f} steps/s" if s.get("steps_per_s") else "no steps run"
-    click.echo(f"{s['method']}: {s['steps']} steps, {val}, {rate} on {s['backend']}")
+    click.echo(f"{s['method']}: {s['steps']} steps, {val}, {rate} on {s['backend']} ({s['backends']})")
     click.echo(f"training FLOPs {f['total']:.3e} (dense model {f['dense_model_total']:.3e}, "
                f"{f['ratio_to_dense']:.3f}x; RigL dense-gradient steps: {f['dense_grad_steps']})")
     click.echo(f"wrote {run}/model (artifact), metrics.jsonl, loss.png, summary.json")

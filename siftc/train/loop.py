@@ -5,7 +5,8 @@ mask scheduler on a runtime backend, checkpoint, evaluate, and save the trained 
     >>> summary = train(TrainConfig("out/mlp-par90", "data/digits.npz", "runs/mlp", method="rigl", steps=500))
 
 The library never prints: pass `progress`, a callable taking event dicts ({"event": "start" | "step" |
-"eval" | "interrupted" | "end", ...}); only rank 0 calls it.
+"eval" | "warning" | "interrupted" | "end", ...}); only rank 0 calls it. Warnings are also listed in
+summary.json.
 
 SIGINT and SIGTERM stop a run between steps: the step in progress finishes, a checkpoint is written at
 it, and `Interrupted` is raised (its message ends with the `siftc train --resume RUN` line; `.code` is
@@ -13,6 +14,7 @@ it, and `Interrupted` is raised (its message ends with the `siftc train --resume
 on to its workers, and every rank learns of it through a flag all-reduced after each step, so all of
 them stop at the same step.
 """
+import collections
 import json
 import math
 import multiprocessing
@@ -200,6 +202,9 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     log = _Metrics(out / "metrics.jsonl", metrics_at) if lead else None
     emit = progress if (lead and progress is not None) else (lambda event: None)
+    warnings = [w for w in (_no_mask_updates(cfg, sched),) if w]
+    for message in warnings:
+        emit({"event": "warning", "message": message})
     emit({"event": "start", "steps": steps, "start_step": step0, "method": cfg.method,
           "flops": flop, "items_per_step": cfg.batch_size})
 
@@ -250,7 +255,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     if world > 1:
         _check_ranks_agree(model)
     if lead:
-        summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0)
+        summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0, warnings)
         log.f.close()
         emit({"event": "end", **summary})
 
@@ -283,6 +288,21 @@ def _stop_signal(signals: list, world: int) -> int:
     if world > 1:
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     return int(stop.item())
+
+
+def _no_mask_updates(cfg: TrainConfig, sched) -> str | None:
+    """A warning when SET/RigL would make no mask update in this run (it would train as static), with
+    an --update-every that gives some."""
+    if not sched.updates_masks or sched.update_steps():
+        return None
+    what = (f"{cfg.method} makes no mask update in {sched.total_steps} steps: updates stop at step "
+            f"{sched.end_step} (--end-fraction {cfg.end_fraction:g}) and come every {cfg.update_every} "
+            f"(--update-every), so it trains as static")
+    last = sched.end_step - 1  # the latest step an update can happen at
+    if last < 1:
+        return f"{what}; pass more --steps or a larger --end-fraction"
+    return (f"{what}; pass --update-every {last} or less (--update-every {max(1, last // 4)} gives "
+            f"{last // max(1, last // 4)} updates)")
 
 
 def _finite_everywhere(value: float, world: int) -> bool:
@@ -427,13 +447,33 @@ def _check_ranks_agree(model):
         raise RuntimeError(f"siftc bug: rank {rank} diverged from rank 0 at {', '.join(names)}")
 
 
-def _finish(cfg, model, steps, flop, sched, elapsed, log, step0) -> dict:
+def layer_backends(model, backend: str) -> dict:
+    """Layer name -> the backend it ran on: `backend`, or for auto its choice (choices joined by '+'
+    when inputs of different shapes, e.g. training and validation batches, chose differently)."""
+    layers = sparse_layers(model)
+    if backend != AUTO.name:
+        return {name: backend for name in layers}
+    chosen = AUTO.choices_of(model)
+    return {name: "+".join(sorted({r["choice"] for r in chosen.get(name, [])})) or "untimed"
+            for name in layers}
+
+
+def backends_in_short(backends: dict) -> str:
+    """'10 layers native, 2 torch', most first."""
+    counts = sorted(collections.Counter(backends.values()).items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{n} layer{'s' * (n != 1)} {b}" if i == 0 else f"{n} {b}"
+                     for i, (b, n) in enumerate(counts)) or "no sparse layers"
+
+
+def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings) -> dict:
     out = Path(cfg.out)
     siftc.save(model, out / "model", force=True)
     records = [json.loads(line) for line in log.path.read_text().splitlines() if line.strip()]
     evals = [r for r in records if "val_loss" in r]
+    backends = layer_backends(model, cfg.backend)  # rank 0's: each rank of an auto run timed its own
     summary = {"method": cfg.method, "steps": steps, "batch_size": cfg.batch_size,
-               "backend": cfg.backend, "nproc": cfg.nproc, "resumed_at": step0 or None,
+               "backend": cfg.backend, "backends": backends_in_short(backends), "layer_backends": backends,
+               "warnings": warnings, "nproc": cfg.nproc, "resumed_at": step0 or None,
                "elapsed_s": elapsed, "steps_per_s": steps / elapsed if elapsed else None,
                "mask_updates": sched.updates, "flops": flop,
                "nnz": {n: layer.nnz for n, layer in sparse_layers(model).items()},
