@@ -7,14 +7,25 @@ DeepSparse's per-layer analysis (`DebugAnalysisEngine`, compiled once more at th
 ONNX nodes each of its kernels runs, and every MatMul/Gemm/Conv fed by a sparse weight must be among them.
 The analysis runs in a child process: a failed assertion inside DeepSparse aborts the whole process (at
 batch 1 on a file with a static batch of 64 it does), and that must not take the measurements with it.
+
+DeepSparse's C++ library writes a banner to file descriptor 2 on a process's first compile
+("DeepSparse, Copyright ... version: 1.8.0 COMMUNITY | (e3778e93) (release) (optimized) (system=avx2,
+binary=avx2)"), past Python's sys.stderr and so through the CLI's progress bar. Compiles run with that
+descriptor captured; the banner's version line becomes `details()["deepsparse_version"]`, anything else
+DeepSparse wrote there `details()["deepsparse_messages"]` (and the tail of a compile error's message).
 """
+import contextlib
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 
 from siftc.bench.engine import Engine
 from siftc.errors import EngineError
+from siftc.export import _stdout_to_devnull
 
 INSTALL = "pip install 'siftc[deepsparse]' (DeepSparse 1.8.0: Linux x86-64 with AVX2, Python 3.8-3.11)"
 
@@ -42,15 +53,24 @@ class DeepSparseEngine(Engine):
         super().__init__(path, batch, threads)
         import deepsparse
         try:
-            self._engine = deepsparse.Engine(str(path), batch_size=batch, num_cores=threads)
+            with _stdout_to_devnull(), _stderr_captured() as written:
+                self._engine = deepsparse.Engine(str(path), batch_size=batch, num_cores=threads)
         except Exception as e:
-            raise EngineError(f"DeepSparse could not compile {path}: {str(e).splitlines()[0]}") from e
+            said = "; ".join(_messages(written)[-2:])
+            raise EngineError(f"DeepSparse could not compile {path}: {str(e).splitlines()[0]}"
+                              + (f" (DeepSparse said: {said})" if said else "")) from e
+        global _VERSION
+        _VERSION = _banner_version(written) or _VERSION or deepsparse.__version__
+        self._messages = _messages(written)
 
     def run(self, inputs):
         return self._engine.run(inputs, val_inp=False)
 
     def details(self):
-        d = {"supported_fraction": self._engine.fraction_of_supported_ops, "num_cores": self._engine.num_cores}
+        d = {"supported_fraction": self._engine.fraction_of_supported_ops, "num_cores": self._engine.num_cores,
+             "deepsparse_version": _VERSION}
+        if self._messages:
+            d["deepsparse_messages"] = self._messages
         if d["supported_fraction"] < 1.0:
             try:
                 d["sparse_layers_fallback"] = sparse_layers_off_kernels(self.path, self.batch, self.threads)
@@ -60,6 +80,47 @@ class DeepSparseEngine(Engine):
 
     def close(self):
         self._engine = None
+
+
+_VERSION = None  # the banner's version line, once a compile in this process has printed it
+_BANNER = re.compile(r"DeepSparse, Copyright .*?version: (?P<version>.+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 into a temporary file; yields a list that holds the lines written there.
+
+    Python's own sys.stderr meanwhile writes to the real descriptor, so a progress bar drawn through
+    it (rich redraws every 0.1 s) keeps moving during a minutes-long compile instead of being captured."""
+    written = []
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp, open(saved, "w", buffering=1, closefd=False) as terminal:
+            os.dup2(tmp.fileno(), 2)
+            sys.stderr = terminal
+            try:
+                yield written
+            finally:
+                sys.stderr = python_stderr
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                written.extend(tmp.read().decode(errors="replace").splitlines())
+    finally:
+        os.close(saved)
+
+
+def _banner_version(lines) -> str | None:
+    """'1.8.0 COMMUNITY | (e3778e93) (release) (optimized) (system=avx2, binary=avx2)' from the banner."""
+    return next((m["version"].strip() for line in lines if (m := _BANNER.search(line))), None)
+
+
+def _messages(lines) -> list[str]:
+    """What DeepSparse wrote besides its banner, without terminal control codes."""
+    text = (_ANSI.sub("", part).strip() for line in lines for part in line.split("\r"))
+    return [t for t in text if t and not _BANNER.search(t)]
 
 
 def sparse_weight_nodes(path) -> dict:

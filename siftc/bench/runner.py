@@ -4,6 +4,10 @@ For each batch: every (file, engine) pair is compiled, warmed up (excluded from 
 measured in turns: turn 1 runs each pair for its slice, turn 2 again, and so on, so a drift in the
 machine (another job, thermal state) hits every pair alike. Every engine gets the same input arrays.
 Latencies are per call; items/s = batch x calls / measured seconds.
+
+Every row says whether it is stable enough to compare (`stable`, `stability`: see MAX_P99_OVER_P50 and
+MAX_TURN_SPREAD), and when several files are benched together each row's items/s is divided by the
+baseline file's on the same engine and batch (`vs_baseline`; the baseline is the first file unless named).
 """
 import math
 import os
@@ -22,6 +26,18 @@ FORMAT = "siftc-bench"
 DEFAULT_TIME_S = 5.0  # measured seconds when neither --time nor --iterations: a stable p50 on a small model
 SETTLE_S = 0.2  # pause before each slice, so the previous engine's worker threads have gone idle
 VERSION = 1
+
+# A row is unstable, and no ratio is read from it, when either limit is passed. Measured on this machine
+# (2 cores shared with other jobs, load average 3.5-7.6) with examples/mlp.py exported dense and
+# parallel-90% at batch 4, five runs of 2-5 s x 5 turns: ONNX Runtime p99/p50 2.7-74 (its 0.06-0.4 ms calls
+# lose whole scheduler slices) and turn spread 1.3-2.5; torch 2-28 and 1.8-10; DeepSparse, whose spinning
+# workers lose their cores, p99/p50 10-3,000 and spread 1.5-3,000 (where the "0.00x" ratios came from).
+# So on a busy machine most rows of a tiny model are flagged; that is what their numbers support.
+# p99/p50 10: beyond it the slowest 1% of calls alone shift the mean, and so items/s, by over 9%.
+MAX_P99_OVER_P50 = 10.0
+# Turn medians 1.5x apart: the machine drifted under the measurement by as much as the sparse-vs-dense
+# speed-ups being measured (1.2-3x), so a ratio read from the row would be mostly drift.
+MAX_TURN_SPREAD = 1.5
 
 
 def default_threads() -> int:
@@ -140,14 +156,60 @@ def input_arrays(mf: ModelFile, batch: int, seed: int) -> list:
 # ------------------------------------------------------------------------------------------- stats
 
 def summarize(turns_s: list[list[float]], batch: int) -> dict:
-    """Statistics of per-call latencies (s), given turn by turn. `turn_p50_ms` (one median per turn) lets
-    a reader pair two files turn by turn, so a change in the machine between turns cancels out."""
+    """Statistics of per-call latencies (s), given turn by turn, and their stability. `turn_p50_ms` (one
+    median per turn) lets a reader pair two files turn by turn, so a change in the machine between turns
+    cancels out."""
     ms = np.concatenate([np.asarray(t, dtype=float) for t in turns_s]) * 1e3
-    return {"iterations": int(ms.size),
-            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "items_per_s": float(batch * ms.size / (ms.sum() / 1e3)),
-            "turn_p50_ms": [float(np.median(t) * 1e3) for t in turns_s]}
+    stats = {"iterations": int(ms.size),
+             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+             "items_per_s": float(batch * ms.size / (ms.sum() / 1e3)),
+             "turn_p50_ms": [float(np.median(t) * 1e3) for t in turns_s]}
+    stats["stability"] = stability(stats)
+    stats["stable"] = stats["stability"]["stable"]
+    return stats
+
+
+def stability(stats: dict) -> dict:
+    """Whether a row's numbers are steady enough to read a ratio from:
+
+        {"stable": False, "p99_over_p50": 16.1, "turn_spread": 1.02, "reasons": ["p99/p50 16.1x > 10x"]}
+
+    turn_spread is max/min of the per-turn medians (None with one turn: no drift to see)."""
+    tail = stats["p99_ms"] / stats["p50_ms"]  # latencies are > 0: each is a timed call
+    turns = stats["turn_p50_ms"]
+    spread = max(turns) / min(turns) if len(turns) > 1 else None
+    reasons = []
+    if tail > MAX_P99_OVER_P50:
+        reasons.append(f"p99/p50 {times(tail)} > {MAX_P99_OVER_P50:g}x")
+    if spread is not None and spread > MAX_TURN_SPREAD:
+        reasons.append(f"turn medians spread {times(spread)} > {MAX_TURN_SPREAD:g}x")
+    return {"stable": not reasons, "p99_over_p50": tail, "turn_spread": spread, "reasons": reasons}
+
+
+def times(ratio) -> str:
+    """A ratio for people: 1,839x, 13.64x, 0.42x, 0.0042x (never 0.00x); "n/a" when there is none."""
+    if ratio is None or not math.isfinite(ratio):
+        return "n/a"
+    if ratio >= 100:
+        return f"{ratio:,.0f}x"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
+def add_baseline(rows: list[dict], baseline: str) -> None:
+    """Each measured row's items/s over the baseline file's on the same engine and batch, in place:
+
+        row["vs_baseline"] = {"model": "dense.onnx", "items_per_s": 1.8, "stable": True}
+
+    "items_per_s" is None when the baseline has no measured row there; "stable" is False unless both
+    rows are stable (the ratio is then recorded but not solid)."""
+    base = {(r["engine"], r["batch"]): r for r in rows if r["model"] == baseline and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        b = base.get((r["engine"], r["batch"]))
+        r["vs_baseline"] = {"model": baseline, "items_per_s": b and r["items_per_s"] / b["items_per_s"],
+                            "stable": bool(b and r["stable"] and b["stable"])}
 
 
 def machine() -> dict:
@@ -165,13 +227,20 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------------------------------------- run
 
-def bench(paths, cfg: BenchConfig, progress=None) -> dict:
+def bench(paths, cfg: BenchConfig, progress=None, baseline=None) -> dict:
     """Benchmark every file on every engine at every batch. Returns the JSON-able result.
 
     `progress(advance: int, total: int, label: str)` is called as work proceeds, for a progress bar.
     An engine that cannot run here (missing, unsupported CPU) or refuses a file is a note; the rest run.
+    With several files, rows carry `vs_baseline` against `baseline` (default: the first file; one not
+    among `paths` is benched first).
     """
     say = progress or (lambda advance, total, label: None)
+    paths = [Path(p) for p in paths]
+    if baseline is not None:
+        baseline = Path(baseline)
+        same = [p for p in paths if p.resolve() == baseline.resolve()]
+        paths = same[:1] + [p for p in paths if p not in same[:1]] if same else [baseline, *paths]
     files = [open_model(p) for p in paths]
     inputs = {(f.path, b): input_arrays(f, b, cfg.seed) for b in cfg.batches for f in files}  # checks fit first
 
@@ -222,8 +291,13 @@ def bench(paths, cfg: BenchConfig, progress=None) -> dict:
                 row["max_abs_diff"] = {"vs": pair["ref"], "value": pair["diff"]}
             rows.append(row)
             pair["engine"].close()
-    return {"format": FORMAT, "version": VERSION, "machine": machine(), "settings": asdict(cfg),
-            "results": rows, "notes": notes}
+    result = {"format": FORMAT, "version": VERSION, "machine": machine(), "settings": asdict(cfg),
+              "stability_limits": {"p99_over_p50": MAX_P99_OVER_P50, "turn_spread": MAX_TURN_SPREAD},
+              "results": rows, "notes": notes}
+    if len(files) > 1:
+        result["baseline"] = str(files[0].path)
+        add_baseline(rows, result["baseline"])
+    return result
 
 
 def _slice(cfg: BenchConfig) -> dict:

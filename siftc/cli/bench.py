@@ -47,6 +47,9 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--iterations", type=int, default=None, help="Measured calls per (model, engine, batch), instead of --time.")
 @click.option("--turns", type=int, default=DEFAULT["turns"], show_default=True,
               help="Engines take turns this many times, so machine drift hits all.")
+@click.option("--baseline", type=click.Path(), default=None, metavar="FILE",
+              help="With several MODELS: the one each row's items/s is divided by (÷baseline column; same "
+              "engine and batch), benched too if not among them.  [default: the first MODEL]")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None,
               help="With --sweep: draw latency relative to dense against sparsity here (PNG).")
@@ -63,14 +66,16 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--force", is_flag=True, help="Replace --json/--plot files siftc wrote; with --sweep, also rebuild "
               "every point even if up to date.")
 @click.pass_context
-def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations, turns, json_out, plot_out,
-              sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force):
+def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations, turns, baseline, json_out,
+              plot_out, sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force):
     """Benchmark MODELS (.onnx files) on each engine with the same inputs, after warm-up, in turns.
 
     Reports p50/p90/p99/mean latency, items/s and threads per (model, engine, batch), and for
     DeepSparse the fraction of the graph it runs on its own (sparse) kernels. An engine that cannot
     run here is a note; the others still run. The torch engine rebuilds the PyTorch model named in
-    the file's siftc sidecar.
+    the file's siftc sidecar. With several models, ÷baseline is each row's items/s over the baseline
+    model's (--baseline, else the first) on the same engine and batch. A row whose p99/p50 or spread
+    of per-turn medians is too large is marked unstable, and no ratio is read from it (n/a).
 
     \b
       siftc bench rn18-dense.onnx rn18-wide90.onnx --batch 64 --time 20
@@ -94,12 +99,15 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
         raise UsageError("no model given; pass MODEL.onnx files (from siftc export) or --sweep model.py")
     if plot_out and not sweep_model:
         raise UsageError("--plot draws a sweep; add --sweep model.py (or drop --plot)")
+    if baseline and sweep_model:
+        raise UsageError("a --sweep's baseline is its dense point; drop --baseline")
     if plot_out:
         require("matplotlib", "--plot")  # before the benchmark, not after it
     if iterations is not None and ctx.get_parameter_source("time_s") == ParameterSource.COMMANDLINE:
         raise UsageError("--time and --iterations contradict each other; pass one of them")
     # Before any work: the files this command reads are never what it writes.
-    reads = [*models, *map(sidecar_path, models), sweep_model.partition(":")[0] if sweep_model else None]
+    given = [*models, *([baseline] if baseline else [])]
+    reads = [*given, *map(sidecar_path, given), sweep_model.partition(":")[0] if sweep_model else None]
     for path, want in ((json_out, FORMAT), (plot_out, PLOT_TAG)):
         if path:
             check_output(path, force, want=want, inputs=reads)
@@ -127,7 +135,7 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
                                opset=opset, round_to=round_to,
                                dynamic_batch=dynamic_batch, force=force, progress=progress, step=step)
         else:
-            result = bench(models, cfg, progress=progress)
+            result = bench(models, cfg, progress=progress, baseline=baseline)
     print_results(result)
     if json_out:
         check_output(json_out, force, want=FORMAT, inputs=reads)  # again: the run took a while
@@ -143,36 +151,68 @@ def print_results(result: dict):
 
     m = result["machine"]
     table = Table(title=f"siftc bench: {m['cpu']}, {m['usable_cores']} cores", title_justify="left")
-    for col in ("model", "engine", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "notes"):
+    cols = ["model", "engine", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s"]
+    cols += ["÷baseline"] * ("baseline" in result) + ["notes"]
+    for col in cols:
         table.add_column(col, justify="left" if col in ("model", "engine", "notes") else "right", no_wrap=col != "notes")
     for r in result["results"]:
         name = Path(r["model"]).name + (f" ({r['kind']} {r['sparsity']:g})" if r.get("kind") else "")
         if r["status"] != "ok":
-            table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), *["-"] * 5, r.get("note", ""))
+            table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), *["-"] * (len(cols) - 5),
+                          r.get("note", ""))
             continue
-        notes = []
-        if "supported_fraction" in r:
-            notes.append(f"supported {r['supported_fraction']:.3f}")
-            if r.get("sparse_layers_fallback"):
-                notes.append(f"sparse layers NOT on DeepSparse kernels: {len(r['sparse_layers_fallback'])}")
-            elif r.get("analysis_note"):
-                notes.append("sparse-layer analysis failed (see JSON)")
-            elif "sparse_layers_fallback" in r:
-                notes.append("every sparse layer on its kernels")
+        vs = [_solid(r["vs_baseline"]["items_per_s"], r["vs_baseline"]["stable"])] if "baseline" in result else []
         table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                      f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", f"{r['items_per_s']:,.1f}", "; ".join(notes))
+                      f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", f"{r['items_per_s']:,.1f}", *vs,
+                      "; ".join(_notes(r)))
     console = Console() if Console().is_terminal else Console(width=200)
     console.print(table)
+    if "baseline" in result:
+        console.print(f"÷baseline: items/s over {Path(result['baseline']).name}'s on the same engine and batch")
     if "sweep" in result:
-        sweep = Table(title="latency relative to dense on the same engine (p50)", title_justify="left")
-        engines = sorted({e for p in result["sweep"]["points"] for e in p["relative"]})
-        for col in ["batch", "sparsity", *engines, "DeepSparse speed-up vs ORT"]:
-            sweep.add_column(col, justify="right")
-        for p in result["sweep"]["points"]:
-            speed = p.get("deepsparse_speedup_vs_onnxruntime")
-            sweep.add_row(str(p["batch"]), f"{p['sparsity']:g}", *[f"{p['relative'].get(e, float('nan')):.2f}x" for e in engines],
-                          f"{speed:.2f}x" if speed else "-")
-        console.print(sweep)
+        console.print(_sweep_table(result))
     for note in result["notes"]:
         console.print(f"note: {note}")
 
+
+def _notes(r: dict) -> list[str]:
+    notes = [] if r["stable"] else ["unstable: " + ", ".join(r["stability"]["reasons"])]
+    if "supported_fraction" in r:
+        notes.append(f"supported {r['supported_fraction']:.3f}")
+        if r.get("sparse_layers_fallback"):
+            notes.append(f"sparse layers NOT on DeepSparse kernels: {len(r['sparse_layers_fallback'])}")
+        elif r.get("analysis_note"):
+            notes.append("sparse-layer analysis failed (see JSON)")
+        elif "sparse_layers_fallback" in r:
+            notes.append("every sparse layer on its kernels")
+    return notes
+
+
+def _solid(ratio, stable: bool) -> str:
+    """A ratio, or n/a when a side is missing, or n/a (unstable) when a side was not steady enough."""
+    from siftc.bench.runner import times
+    return times(ratio) if ratio is None or stable else "n/a (unstable)"
+
+
+def _sweep_table(result: dict):
+    from rich.table import Table
+
+    rows = {(r["model"], r["engine"], r["batch"]): r for r in result["results"] if r["status"] == "ok"}
+    points = result["sweep"]["points"]
+    dense = {p["batch"]: p["file"] for p in points if not p["sparsity"]}
+
+    def stable(file, *engines_batch):
+        return all(rows.get((file, e, b), {}).get("stable") for e, b in engines_batch)
+
+    sweep = Table(title="latency relative to dense on the same engine (p50)", title_justify="left")
+    engines = sorted({e for p in points for e in p["relative"]})
+    for col in ["batch", "sparsity", *engines, "DeepSparse speed-up vs ORT"]:
+        sweep.add_column(col, justify="right")
+    for p in points:
+        b = p["batch"]
+        rel = [_solid(p["relative"].get(e), stable(p["file"], (e, b)) and stable(dense.get(b), (e, b)))
+               for e in engines]
+        speed = _solid(p.get("deepsparse_speedup_vs_onnxruntime"),
+                       stable(p["file"], ("deepsparse", b), ("onnxruntime", b)))
+        sweep.add_row(str(b), f"{p['sparsity']:g}", *rel, speed)
+    return sweep
