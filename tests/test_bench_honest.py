@@ -164,6 +164,20 @@ def test_baseline_option_moves_that_file_first(two_sparsities):
     assert result["results"][1]["vs_baseline"]["model"] == str(p90)
 
 
+def test_baseline_not_among_the_files_is_benched_first(two_sparsities):
+    p50, p90 = two_sparsities
+    result = bench([p90], BenchConfig(engines=("onnxruntime",), batches=(4,), iterations=2, turns=1, warmup=1),
+                   baseline=p50)
+    assert [r["model"] for r in result["results"]] == [str(p50), str(p90)] and result["baseline"] == str(p50)
+
+
+def test_cli_baseline_with_a_sweep_is_refused(two_sparsities, tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--sweep", spec_path("examples/mlp.py"), "--baseline",
+                                    str(two_sparsities[0]), "--out-dir", str(tmp_path / "sw")])
+    assert res.exit_code == 2 and res.output.startswith("siftc: error: a --sweep's baseline is its dense point")
+    assert not (tmp_path / "sw").exists()
+
+
 def test_one_file_has_no_baseline(two_sparsities):
     result = bench(two_sparsities[:1], BenchConfig(engines=("onnxruntime",), batches=(4,), iterations=2,
                                                    turns=1, warmup=1))
