@@ -6,6 +6,7 @@ from siftc.cli.options import defaults, trust_source_option
 from siftc.runtime import BACKENDS
 from siftc.sparse import DISTRIBUTIONS, METHODS
 from siftc.train import OPTIMIZERS, TrainConfig
+from siftc.train.schedule import SCHEDULES
 
 
 DEFAULT = defaults(TrainConfig)
@@ -62,9 +63,16 @@ class RichProgress(Warnings):
 @click.option("--steps", type=int, default=None, help="Training steps. [default: 1 epoch]")
 @click.option("--epochs", type=float, default=None, help="Epochs (instead of --steps).")
 @click.option("--batch-size", type=int, default=DEFAULT["batch_size"], show_default=True, help="Global batch size.")
-@click.option("--lr", type=float, default=DEFAULT["lr"], show_default=True, help="Learning rate (constant).")
+@click.option("--lr", type=float, default=DEFAULT["lr"], show_default=True,
+              help="Learning rate: the peak, reached after --warmup-steps.")
+@click.option("--lr-schedule", type=click.Choice(tuple(SCHEDULES)), default=DEFAULT["lr_schedule"],
+              show_default=True, help="After the warmup: cosine decays to 0; step divides by 10 at 50% and 75%.")
+@click.option("--warmup-steps", type=int, default=DEFAULT["warmup_steps"], show_default=True,
+              help="Steps of linear warmup from lr/N to lr.")
 @click.option("--optimizer", type=click.Choice(tuple(OPTIMIZERS)), default=DEFAULT["optimizer"], show_default=True)
-@click.option("--weight-decay", type=float, default=DEFAULT["weight_decay"], show_default=True)
+@click.option("--weight-decay", type=float, default=DEFAULT["weight_decay"], show_default=True,
+              help="On weights, a sparse layer's non-zeros included; biases and norm parameters get none.")
+@click.option("--decay-norms-and-biases", is_flag=True, help="Weight decay on biases and norm parameters too.")
 @click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT["backend"], show_default=True,
               help="Runtime for the sparse layers; auto: per layer, the faster of native and torch by a short "
                    "timing (torch where the native kernels cannot build).")

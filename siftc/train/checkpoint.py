@@ -2,7 +2,8 @@
 
     RUN/run.json        the run's settings, its id, and digests of the artifact and data it started from
     RUN/checkpoint.pt   the last checkpoint: model (packed as an artifact's weights.pt: a sparse layer's
-                        values and its mask's bits), optimizer (nnz-sized state), scheduler, step, every
+                        values and its mask's bits), optimizer (nnz-sized state), scheduler, LR schedule
+                        (lr_schedule; absent in checkpoints from before schedules), step, every
                         rank's RNG state and `--backend auto` choices, and how far metrics.jsonl had
                         got; replaced atomically
     RUN/metrics.jsonl   one JSON record per line (train loss, evaluations, mask updates)

@@ -7,6 +7,7 @@ import torch
 from siftc.errors import UsageError
 from siftc.sparse import DISTRIBUTIONS, METHODS
 from siftc.sparse.schedulers import DROP_FRACTION, END_FRACTION, UPDATE_EVERY
+from siftc.train.schedule import SCHEDULES
 
 OPTIMIZERS = {
     # AdamW: robust on both the MLP and the GPT without tuning (the paper uses it for GPT).
@@ -25,9 +26,12 @@ class TrainConfig:
     steps: int | None = None        # exactly one of steps / epochs; neither means 1 epoch
     epochs: float | None = None
     batch_size: int = 32            # global: split across --nproc processes
-    lr: float = 1e-3                # AdamW's usual small-model rate
+    lr: float = 1e-3                # AdamW's usual small-model rate; the peak, after any warmup
+    lr_schedule: str = "constant"   # a siftc.train.schedule.SCHEDULES name; constant: as runs always were
+    warmup_steps: int = 0           # linear warmup to lr over this many steps; 0: none, as before
     optimizer: str = "adamw"
     weight_decay: float = 0.0       # short runs on small data do not need it
+    decay_norms_and_biases: bool = False  # False: the paper's recipe, decay on weights (sparse values) only
     backend: str = "auto"           # a siftc.runtime.BACKENDS name; auto: per layer, the faster of native/torch
     seed: int = 0                   # data order, mask distribution, SET's draws, dropout
     distribution: str = "uniform"   # uniform keeps every layer iso-FLOP; erk keeps the total
@@ -45,6 +49,13 @@ class TrainConfig:
             raise UsageError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise UsageError(f"unknown LR schedule {self.lr_schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise UsageError(f"warmup-steps={self.warmup_steps!r} must be an integer >= 0")
+        if self.steps is not None and self.warmup_steps >= self.steps:
+            raise UsageError(f"--warmup-steps {self.warmup_steps} leaves none of the {self.steps} steps to "
+                             f"train at --lr; pass fewer warmup steps")
         if self.distribution not in DISTRIBUTIONS:
             raise UsageError(f"unknown distribution {self.distribution!r}; choose one of: "
                              f"{', '.join(DISTRIBUTIONS)}")
@@ -80,4 +91,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        # A run started before weight-decay groups existed decayed every parameter (and its checkpoint
+        # has one optimizer group): it resumes that way.
+        d = {"decay_norms_and_biases": True, **d}
         return cls(**{k: v for k, v in d.items() if k in known})

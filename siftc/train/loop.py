@@ -43,6 +43,7 @@ from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.flops import training_flops
+from siftc.train.schedule import lr_scheduler, param_groups
 
 AUTO = BACKENDS["auto"]  # its per-layer choices are checkpointed: a resumed run keeps them
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a cluster's preemption
@@ -72,7 +73,14 @@ def prepare(cfg: TrainConfig):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {data.train_items} training "
                          f"examples in {cfg.data}; pass --batch-size {data.train_items} or less, or more data")
     _check_batch_norm(model, data, cfg)
+    if cfg.warmup_steps >= total_steps(cfg, data):  # --steps was checked by TrainConfig; --epochs here
+        raise UsageError(f"--warmup-steps {cfg.warmup_steps} leaves none of the run's "
+                         f"{total_steps(cfg, data)} steps to train at --lr; pass fewer warmup steps")
     return model, data
+
+
+def total_steps(cfg: TrainConfig, data) -> int:
+    return cfg.steps or max(1, round((cfg.epochs or 1) * data.steps_per_epoch(cfg.batch_size)))
 
 
 def _check_batch_norm(model, data, cfg: TrainConfig):
@@ -184,19 +192,21 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
         torch.set_num_threads(cfg.threads)
     model, data = prepared or prepare(cfg)
     x0 = model.siftc_info.example_inputs
-    steps = cfg.steps or max(1, round((cfg.epochs or 1) * data.steps_per_epoch(cfg.batch_size)))
+    steps = total_steps(cfg, data)
     eval_every = cfg.eval_every or max(1, steps // 10)
     state = checkpoint.load(out, run_id)
     if state is None:  # a fresh start: same masks and init on every rank, from the seed
         apply(model, distribute(model, cfg.distribution, x0), torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(cfg.seed)
-    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optimizer](param_groups(model, cfg.weight_decay, cfg.decay_norms_and_biases),
+                                          cfg.lr, cfg.weight_decay)
+    lr_sched = lr_scheduler(optimizer, cfg.lr_schedule, steps, cfg.warmup_steps)
     sched = METHODS[cfg.method](model, optimizer, steps, update_every=cfg.update_every,
                                 drop_fraction=cfg.drop_fraction, end_fraction=cfg.end_fraction,
                                 seed=cfg.seed)
     step0, metrics_at, elapsed0 = 0, 0, 0.0
     if state is not None:
-        _restore(model, optimizer, sched, state, rank, out)
+        _restore(model, optimizer, sched, lr_sched, state, rank, out)
         step0, metrics_at, elapsed0 = state["step"], state["metrics_offset"], state["elapsed"]
     flop = training_flops(model, x0, cfg.batch_size, steps, sched, model.siftc_info.report["dense_flops"])
     net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
@@ -224,6 +234,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
             loss.backward()
             optimizer.step()
             record = sched.step()
+            lr_sched.step()
             done = step + 1
             window, n_window = window + value, n_window + 1
             if record and lead:
@@ -244,7 +255,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
             stop = _stop_signal(signals, world) if done < steps else 0  # the last step just finishes
             if stop or done % cfg.checkpoint_every == 0 or done == steps:
                 _check_finite(model, cfg, done, kept)  # equal on every rank (DDP): all stop here
-                _checkpoint(out, run_id, model, optimizer, sched, done, log, time.perf_counter() - t0, world,
+                _checkpoint(out, run_id, model, optimizer, sched, lr_sched, done, log, time.perf_counter() - t0, world,
                             lead)
                 kept = done
             if stop:
@@ -391,7 +402,7 @@ class _Metrics:
         return self.f.tell()
 
 
-def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world, lead):
+def _checkpoint(out, run_id, model, optimizer, sched, lr_sched, step, log, elapsed, world, lead):
     # Per rank: its RNG and the auto backend's choices (each rank timed its own; empty on other backends).
     mine = (torch.get_rng_state(), AUTO.choices_of(model))
     if world > 1:
@@ -403,6 +414,7 @@ def _checkpoint(out, run_id, model, optimizer, sched, step, log, elapsed, world,
         log.sync()
         checkpoint.save(out, {"run_id": run_id, "step": step, "model": pack_state(model.state_dict()),
                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                              "lr_schedule": lr_sched.state_dict(),
                               "rng": [rng for rng, _ in states], "auto_choices": [c for _, c in states],
                               "metrics_offset": log.tell(), "elapsed": elapsed})
 
@@ -416,10 +428,12 @@ def _fits(model, state, out):
                          f"to restart from step 0") from e
 
 
-def _restore(model, optimizer, sched, state, rank, out):
+def _restore(model, optimizer, sched, lr_sched, state, rank, out):
     _fits(model, state, out)
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if "lr_schedule" in state:  # checkpoints from before LR schedules had a constant LR
+        lr_sched.load_state_dict(state["lr_schedule"])
     torch.set_rng_state(state["rng"][rank])
     try:  # last: at the masks as loaded, so the layers run on the backends they ran on, timing nothing
         AUTO.restore(model, state["auto_choices"][rank])
