@@ -136,3 +136,21 @@ def test_old_runs_resume_as_they_ran_and_warmup_is_checked(work):
         TrainConfig("a", "d", "o", steps=10, warmup_steps=10)
     with pytest.raises(UsageError, match="of the run's 8 steps"):  # 270 training examples // 32
         loop.prepare(TrainConfig(str(work / "clf"), str(work / "data.npz"), "o", epochs=1, warmup_steps=1000))
+
+
+def test_piped_output_prints_plain_progress_lines(work, tmp_path):
+    """Not a terminal: plain lines with rate and ETA, every PLAIN_EVERY seconds (0 here: at every
+    logged step), and no progress bar's control codes."""
+    import re
+    import subprocess
+    import sys
+    from test_train import ENV
+    code = "import siftc.cli.train as t; t.PLAIN_EVERY = 0; from siftc.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, "train", str(work / "clf"), "--data", str(work / "data.npz"),
+                           "--steps", "30", "--batch-size", "16", "--backend", "torch", "-o", str(tmp_path / "r")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stdout.splitlines() if re.fullmatch(r"step \d+/30 \(\d+%\), loss [\d.]+, "
+                                                                   r"[\d,]+ items/s, ETA \d+:\d\d:\d\d", l)]
+    assert [l.split()[1] for l in lines] == ["10/30", "20/30", "30/30"], done.stdout
+    assert "\x1b" not in done.stdout

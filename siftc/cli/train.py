@@ -1,4 +1,8 @@
 """`siftc train`: sparse training with a progress bar; everything else is siftc.train."""
+import datetime
+import sys
+import time
+
 import click
 from click.core import ParameterSource
 
@@ -10,6 +14,7 @@ from siftc.train.schedule import SCHEDULES
 
 
 DEFAULT = defaults(TrainConfig)
+PLAIN_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal (a log, a pipe)
 
 
 class Warnings:
@@ -51,6 +56,27 @@ class RichProgress(Warnings):
                                    f"val acc {event['val_acc']:.2%}")
         elif kind in ("end", "interrupted"):
             self.bar.stop()
+
+
+class PlainProgress(Warnings):
+    """When stdout is not a terminal: a plain line about every PLAIN_EVERY seconds (step, loss, rate,
+    ETA), and the evaluation lines."""
+
+    def __init__(self):
+        self.every = PLAIN_EVERY  # read here: a worker process imports this module afresh
+
+    def show(self, event):
+        kind, now = event["event"], time.monotonic()
+        if kind == "start":
+            self.steps, self.first, self.t0, self.last = event["steps"], event["start_step"], now, now
+        elif kind == "step" and now - self.last >= self.every:
+            self.last = now
+            steps_per_s = (event["step"] - self.first) / max(now - self.t0, 1e-9)
+            eta = datetime.timedelta(seconds=round((self.steps - event["step"]) / max(steps_per_s, 1e-9)))
+            click.echo(f"step {event['step']}/{self.steps} ({event['step'] / self.steps:.0%}), loss "
+                       f"{event['loss']:.4f}, {event['items_per_s']:,.0f} items/s, ETA {eta}")
+        elif kind == "eval":
+            click.echo(f"step {event['step']}: val loss {event['val_loss']:.4f}, val acc {event['val_acc']:.2%}")
 
 
 @click.command("train")
@@ -111,7 +137,7 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
     from siftc.errors import UsageError
     from siftc.train.loop import Interrupted, resume as resume_run, train as run_training
 
-    progress = Warnings() if quiet else RichProgress()
+    progress = Warnings() if quiet else RichProgress() if sys.stdout.isatty() else PlainProgress()
     if resume:
         given = [name for name in ("artifact", "data", "output", "force", *options)
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
