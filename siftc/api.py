@@ -48,9 +48,11 @@ def save(model, out, force: bool = False):
     return artifact.save(model, out, force=force)
 
 
-def load(path, model: nn.Module | None = None):
-    """Rebuild a converted model from an artifact directory (no pickled code is executed)."""
-    return artifact.load(path, model=model)
+def load(path, model: nn.Module | None = None, trust_source: bool | None = None):
+    """Rebuild a converted model from an artifact directory, running no code but siftc's and torch's.
+    `trust_source=True` lets an artifact that needs its model file (a --leaf user module, format v2)
+    import and run that file."""
+    return artifact.load(path, model=model, trust_source=trust_source)
 
 
 def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, opset: int | None = None,

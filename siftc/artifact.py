@@ -1,16 +1,25 @@
 """A converted model on disk: a directory with
 
-    siftc.json   format tag, source (model spec + file hash), config, report, checksums
+    siftc.json   format tag, source (model spec + file hash: provenance), config, report, checksums of
+                 the other files, and `digest`, the sha256 of the rest of siftc.json (an edit is refused)
+    graph.json   the GraphModule as data: nodes (targets by qualified name) and the module tree
+                 (classes with constructor arguments), siftc.graph_data; absent when the model needs
+                 its source (`needs_source` in siftc.json says why)
     weights.pt   the state dict (weights, masks, norm statistics); a sparse layer's weight is stored as
                  its values inside the mask (`<name>.weight@values`) and its mask as bits
                  (`<name>.mask@bits`), so a 90% Sparse Wide ResNet-18 takes 59 MB, not 558 MB
     inputs.pt    the example inputs the conversion traced with
 
-Loading never unpickles code: tensors come back through `torch.load(weights_only=True)`, the rest is
-JSON, and the module structure is rebuilt by importing the recorded model file and re-running the same
-(seeded, deterministic) conversion. Writing goes to a temporary directory renamed into place, so a
-failed save leaves nothing half-written (siftc.store.write_dir).
+Loading runs no code but siftc's and torch's: tensors come back through `torch.load(weights_only=True)`,
+the rest is JSON, and the module structure is built from graph.json by siftc.graph_data, which builds
+and calls only what its allow-list names. A model that cannot be stored so (a user's --leaf module), and
+a version-2 artifact, load only with trust_source=True: that imports the recorded model file and
+re-runs the same (seeded, deterministic) conversion. Writing goes to a temporary directory renamed into
+place, so a failed save leaves nothing half-written (siftc.store.write_dir).
 """
+import contextlib
+import contextvars
+import hashlib
 import json
 import math
 import os
@@ -19,14 +28,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from siftc import graph_data
 from siftc.config import ConvertConfig
 from siftc.errors import ArtifactError, SiftcError, UsageError
 from siftc.source import Source, load_model
 from siftc.store import file_sha256, os_errors, verify_digest, write_dir
 
 FORMAT = "siftc-artifact"
-VERSION = 2  # 2: sparse layers stored as values inside the mask + mask bits
+VERSION = 3  # 2: sparse layers stored as values inside the mask + mask bits; 3: graph.json, digest
 FILES = ("siftc.json", "weights.pt", "inputs.pt")
+GRAPH = "graph.json"
+CONSTANT = "constant@"  # weights.pt key prefix of a tensor the graph reads that is not in the state dict
+# What `trust_source=None` means: the CLI's --trust-source sets it around a command (train, export),
+# so the library calls below it need no new argument.
+_TRUST = contextvars.ContextVar("siftc_trust_source", default=False)
+
+
+@contextlib.contextmanager
+def trusting(trust: bool = True):
+    """Inside, siftc.load may import an artifact's model file (as trust_source=True)."""
+    token = _TRUST.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
 
 
 def save(gm, out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
@@ -36,21 +61,56 @@ def save(gm, out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
     if info is None:
         raise UsageError("this model was not produced by siftc.convert; convert it first")
 
+    try:
+        data, constants = graph_data.to_data(gm)
+        needs_source = None
+        _check_data(gm, data, constants)
+    except graph_data.NotData as e:
+        data, constants, needs_source = None, {}, str(e)
+
     def fill(tmp: Path):
-        torch.save(pack_state(gm.state_dict()), tmp / "weights.pt")
+        torch.save({**pack_state(gm.state_dict()), **{CONSTANT + k: v for k, v in constants.items()}},
+                   tmp / "weights.pt")
         torch.save(list(info.example_inputs), tmp / "inputs.pt")
+        if data is not None:
+            (tmp / GRAPH).write_text(json.dumps(data))
         meta = {
             "format": FORMAT,
             "version": VERSION,
             "source": info.source.to_json() if info.source else None,
+            "needs_source": needs_source,
             "config": info.config.to_json(),
             "report": info.report,
-            "sha256": {f: file_sha256(tmp / f) for f in ("weights.pt", "inputs.pt")},
+            "sha256": {f: file_sha256(tmp / f) for f in ("weights.pt", "inputs.pt", GRAPH) if (tmp / f).exists()},
         }
-        (tmp / "siftc.json").write_text(json.dumps(meta, indent=1))
+        write_meta(tmp, meta)
 
     source = info.source.path if info.source else None
     return write_dir(Path(out), force, fill, want=FORMAT, inputs=(*inputs, source))
+
+
+def _check_data(gm, data: dict, constants: dict):
+    """The model rebuilt from `data` has gm's state keys, shapes and module classes (NotData if not)."""
+    try:
+        new = graph_data.from_data(json.loads(json.dumps(data)), constants)
+    except graph_data.Refused as e:
+        raise graph_data.NotData(str(e)) from None
+    mine, theirs = gm.state_dict(), new.state_dict()
+    classes = [(n, type(m)) for n, m in gm.named_modules()][1:] != [(n, type(m)) for n, m in new.named_modules()][1:]
+    if classes or list(mine) != list(theirs) or any(mine[k].shape != theirs[k].shape for k in mine
+                                                    if not k.endswith(("values", "positions"))):
+        raise graph_data.NotData("the module tree rebuilt from its data differs from the model's")
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of siftc.json's content without its `digest` (keys sorted, no spaces)."""
+    rest = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_meta(directory: Path, meta: dict):
+    """Write siftc.json with its digest."""
+    (Path(directory) / "siftc.json").write_text(json.dumps({**meta, "digest": meta_digest(meta)}, indent=1))
 
 
 def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
@@ -68,16 +128,20 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
         raise ArtifactError(f"{path / 'siftc.json'} is corrupt ({e}); convert the model again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a siftc artifact (format tag missing); convert the model again")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in (2, VERSION):
         raise ArtifactError(f"{path} has artifact version {meta.get('version')}, this siftc reads "
-                            f"{VERSION}; convert the model again with this siftc")
+                            f"2 and {VERSION}; convert the model again with this siftc")
     for key in ("config", "report", "sha256"):
         if not isinstance(meta.get(key), dict):
             raise ArtifactError(f"{path / 'siftc.json'} lacks {key!r}: truncated or corrupt; convert again")
     _check_report(path, meta["report"])
-    if set(meta["sha256"]) != set(FILES[1:]) or not all(isinstance(d, str) for d in meta["sha256"].values()):
-        raise ArtifactError(f"{path / 'siftc.json'} has no checksums of {', '.join(FILES[1:])}: "
+    files = {*FILES[1:], GRAPH} if meta["version"] == VERSION and not meta.get("needs_source") else set(FILES[1:])
+    if set(meta["sha256"]) != files or not all(isinstance(d, str) for d in meta["sha256"].values()):
+        raise ArtifactError(f"{path / 'siftc.json'} has no checksums of {', '.join(sorted(files))}: "
                             f"corrupt; convert the model again")
+    if meta["version"] == VERSION and meta.get("digest") != meta_digest(meta):
+        raise ArtifactError(f"{path / 'siftc.json'} was edited after it was written (its digest does not "
+                            f"match); convert the model again")
     if verify:
         for name, digest in meta["sha256"].items():
             f = path / name
@@ -106,14 +170,16 @@ def _check_report(path: Path, report: dict):
                             f"from another tool; convert the model again")
 
 
-def load(path: str | os.PathLike, model=None):
-    """Rebuild a converted model from an artifact directory.
+def load(path: str | os.PathLike, model=None, trust_source: bool | None = None):
+    """Rebuild a converted model from an artifact directory. Returns the GraphModule, with `siftc_info`.
 
-    `model` is needed only when the artifact was converted from an in-memory model: pass a fresh
-    instance of the same dense model. Returns the GraphModule, with `siftc_info` set.
+    A version-3 artifact is built from its graph.json, running no code but siftc's and torch's; one
+    that names anything outside siftc.graph_data's allow-list is refused. `trust_source=True` (None:
+    as set by `trusting`, the CLI's --trust-source) instead imports the recorded model file and runs
+    the conversion again: what an artifact that needs its source (a user's --leaf module) and a
+    version-2 artifact require. `model`: a fresh instance of the dense model, for an artifact converted
+    from an in-memory model that cannot be built from data.
     """
-    from siftc.convert import convert_module
-
     path = Path(path)
     meta = read_meta(path)
     state, inputs = _tensors(path)
@@ -123,22 +189,70 @@ def load(path: str | os.PathLike, model=None):
     except (TypeError, SiftcError) as e:
         raise ArtifactError(f"{path / 'siftc.json'} has a corrupt config or source ({e}); "
                             f"convert the model again") from e
-    warnings = []
-    if model is None:
-        if source is None:
-            raise ArtifactError(f"{path} was converted from an in-memory model; pass model=<a fresh "
-                                f"instance of the dense model> to siftc.load")
-        model, changed = _rebuild_dense(path, source)
-        if changed:
-            warnings.append(f"{source.path} changed since conversion; the structure still has to match")
-    gm = convert_module(model, inputs, cfg, source)
+    trust = _TRUST.get() if trust_source is None else trust_source
+    constants = {k[len(CONSTANT):]: state.pop(k) for k in [k for k in state if k.startswith(CONSTANT)]}
+    why = _why_source(path, meta, source, cfg)
+    if why is None:
+        try:
+            gm = graph_data.from_data(_read_graph(path), constants)
+        except graph_data.Refused as e:
+            if not trust:
+                raise ArtifactError(f"{path / GRAPH} {e}: refused, nothing was run; convert the model "
+                                    f"again (or pass --trust-source to rebuild it from its model file)") from e
+            why = str(e)
+        else:
+            _load_state(gm, state, path)
+            from siftc.convert import ConversionInfo
+            gm.siftc_info = ConversionInfo(cfg, meta["report"], inputs, source)
+            return gm
+    if not trust and model is None:
+        raise ArtifactError(f"{path} {why}; pass trust_source=True (--trust-source) to import and run "
+                            f"{source.absolute if source else 'the model'}, if you trust it")
+    return _reconvert(path, meta, cfg, source, model, state, inputs)
+
+
+def _why_source(path: Path, meta: dict, source: Source | None, cfg: ConvertConfig) -> str | None:
+    """Why the artifact can only be rebuilt from its model file, or None when it is stored as data."""
+    if meta["version"] == VERSION and not meta.get("needs_source"):
+        return None
+    if meta["version"] == VERSION:
+        return f"needs its model file to load: {meta['needs_source']}"
+    again = f"siftc convert {source.spec} --kind {cfg.kind} --sparsity {cfg.sparsity:g} -o NEW" if source else \
+        "convert it again with this siftc"
+    return f"is a version-2 artifact, which loads only by importing its model file (or re-convert: {again})"
+
+
+def _read_graph(path: Path) -> dict:
+    try:
+        with os_errors(path / GRAPH, "read"):
+            return json.loads((path / GRAPH).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path / GRAPH} is corrupt ({e}); convert the model again") from e
+
+
+def _load_state(gm, state: dict, path: Path):
     try:
         gm.load_state_dict(unpack_state(state, path), strict=True)
     except RuntimeError as e:
         first = " ".join(str(e).split())[:300]
         raise ArtifactError(f"{path} does not match the model it names ({first}); "
                             f"the model file changed or the artifact is from another model") from e
-    gm.siftc_info.warnings.extend(warnings)
+
+
+def _reconvert(path: Path, meta: dict, cfg: ConvertConfig, source: Source | None, model, state, inputs):
+    """The trusted way: import the recorded model file (unchanged since conversion) and convert again."""
+    from siftc.convert import convert_module
+
+    if model is None:
+        if source is None:
+            raise ArtifactError(f"{path} was converted from an in-memory model; pass model=<a fresh "
+                                f"instance of the dense model> to siftc.load")
+        model, changed = _rebuild_dense(path, source)
+        if changed:
+            raise ArtifactError(f"{source.path} changed since {path} was converted from it (sha256 differs); "
+                                f"restore that file or convert again")
+    gm = convert_module(model, inputs, cfg, source)
+    _load_state(gm, state, path)
     gm.siftc_info.report = meta["report"]
     return gm
 
@@ -191,7 +305,8 @@ def read_state(path: str | os.PathLike) -> dict:
     """The artifact's full state dict (dense-shaped weights and masks), without rebuilding the model."""
     path = Path(path)
     read_meta(path)
-    return unpack_state(_tensors(path)[0], path)
+    state = {k: v for k, v in _tensors(path)[0].items() if not k.startswith(CONSTANT)}
+    return unpack_state(state, path)
 
 
 def _tensors(path: Path) -> tuple[dict, tuple]:

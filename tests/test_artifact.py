@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import siftc
+from siftc.artifact import write_meta
 from siftc.errors import ArtifactError
 from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.store import file_sha256
@@ -100,7 +101,7 @@ def test_pickled_code_is_refused(tmp_path, target):
     torch.save(bad, art / target)
     meta = json.loads((art / "siftc.json").read_text())
     meta["sha256"][target] = file_sha256(art / target)  # a consistent artifact: only the pickle guard is left
-    (art / "siftc.json").write_text(json.dumps(meta))
+    write_meta(art, meta)
 
     with pytest.raises(ArtifactError, match=rf"cannot read tensors of .*art.*convert again"):
         siftc.load(art)
@@ -140,6 +141,6 @@ def test_values_that_do_not_fit_the_mask_are_refused(tmp_path):
     torch.save(state, art / "weights.pt")
     meta = json.loads((art / "siftc.json").read_text())
     meta["sha256"]["weights.pt"] = file_sha256(art / "weights.pt")  # consistent checksums: only the count is off
-    (art / "siftc.json").write_text(json.dumps(meta))
+    write_meta(art, meta)
     with pytest.raises(ArtifactError, match=r"values for .*weight but its mask has .*corrupt"):
         siftc.load(art)

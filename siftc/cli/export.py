@@ -5,6 +5,8 @@ import time
 import click
 from click.core import ParameterSource
 
+from siftc.artifact import trusting
+from siftc.cli.options import trust_source_option
 from siftc.export import DEFAULT_OPSET, export
 from siftc.export_checks import TINY
 
@@ -18,8 +20,9 @@ BATCH = inspect.signature(export).parameters["batch"].default  # export()'s own,
 @click.option("--dynamic-batch", is_flag=True, help="Leave the batch dimension free instead (one file for every batch).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--force", is_flag=True, help="Replace the output file and its sidecar if they exist.")
+@trust_source_option
 @click.pass_context
-def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force):
+def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force, trust_source):
     """Export SOURCE to plain ONNX for DeepSparse, ONNX Runtime or any engine, and check it.
 
     SOURCE is an artifact directory from `siftc convert -o`, or a dense model.py[:factory] (its
@@ -43,7 +46,7 @@ def export_cmd(ctx, source, output, batch, dynamic_batch, opset, force):
         raise UsageError("--batch and --dynamic-batch contradict each other; pass one of them")
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    with console.status("exporting") as status:
+    with trusting(trust_source), console.status("exporting") as status:
         done = export(source, output, batch=None if dynamic_batch else batch, dynamic_batch=dynamic_batch,
                       opset=opset, force=force, progress=lambda step: status.update(step))
     m, c = done.meta, done.meta["checks"]

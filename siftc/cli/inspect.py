@@ -82,8 +82,23 @@ def inspect_cmd(artifact, as_json):
     """
     from siftc.artifact import read_meta
 
-    report = read_meta(artifact)["report"]
+    meta = read_meta(artifact)
+    report = meta["report"]
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
         print_report(report)
+        print_provenance(meta)
+
+
+def print_provenance(meta: dict):
+    """Where the model came from, and whether loading it needs that file."""
+    src = meta.get("source")
+    click.echo(f"source: {src['spec']} (sha256 {src['sha256'] or '-'})" if src else "source: an in-memory model")
+    if meta["version"] < 3:
+        click.echo(f"artifact version {meta['version']}: loads only with --trust-source (imports the model "
+                   f"file); convert again for a self-contained artifact")
+    elif meta.get("needs_source"):
+        click.echo(f"needs its model file to load (--trust-source): {meta['needs_source']}")
+    else:
+        click.echo("self-contained: loads without the model file (graph.json)")

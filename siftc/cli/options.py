@@ -10,3 +10,12 @@ def defaults(cls) -> dict:
     1
     """
     return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def trust_source_option(f):
+    """--trust-source: an artifact that needs its model file (a --leaf user module, format v2) may
+    import and run it (siftc.artifact.trusting)."""
+    import click
+    return click.option("--trust-source", is_flag=True,
+                        help="Let an artifact that needs its model file (a --leaf user module, or format "
+                             "v2) import and run that file.")(f)
