@@ -6,6 +6,7 @@ producing P output positions costs 2 * nnz * P. Embeddings are look-ups (0 FLOPs
 a transformation adds (the BatchNorms in parallel branches or the factorized middle, the norms and
 attention products of a wider stream) is counted apart and never hidden in the total.
 """
+import contextvars
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,14 +120,12 @@ def counting(model: nn.Module, extra_under: tuple[str, ...] = ()):
 
     def on_weight(name):
         def hook(mod, args, out):
-            if not _is_fake(out):  # a concrete trace computes shapes with fake tensors: not a forward
-                _add_weight_layer(fc, name, mod, positions(mod, out.shape))
+            _count(out, lambda: _add_weight_layer(fc, name, mod, positions(mod, out.shape)))
         return hook
 
     def on_norm(name):
         def hook(mod, args, out):
-            if not _is_fake(out):
-                fc.extra[name] = fc.extra.get(name, 0) + norm_flops(out.shape)
+            _count(out, lambda: fc.extra.__setitem__(name, fc.extra.get(name, 0) + norm_flops(out.shape)))
         return hook
 
     prefixes = tuple(p + "." for p in extra_under)
@@ -144,6 +143,32 @@ def counting(model: nn.Module, extra_under: tuple[str, ...] = ()):
 
 def _is_fake(t) -> bool:
     return isinstance(t, torch._subclasses.FakeTensor)
+
+
+_PENDING: contextvars.ContextVar = contextvars.ContextVar("siftc_fake_forward", default=None)
+
+
+def _count(out, add):
+    """Count a layer call now (a real forward), on success of the fake forward it is part of, or not at
+    all (a call on fake tensors outside `fake_forward`: the concrete tracer computing shapes)."""
+    if not _is_fake(out):
+        add()
+    elif (pending := _PENDING.get()) is not None:
+        pending.append(add)
+
+
+@contextmanager
+def fake_forward():
+    """Inside, `counting` takes layer calls on fake tensors as the forward, and counts them only if the
+    block ends without an exception (a failed fake forward is re-run for real, and counted then)."""
+    pending = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+    for add in pending:
+        add()
 
 
 def _add_weight_layer(fc: FlopCount, name: str, mod: nn.Module, pos: int):

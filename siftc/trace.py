@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 import torch.fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from siftc import flops
 from siftc.concrete_trace import (DataDependent, Guards, add_input_guard, concrete_trace, live_training_flag,
                                   restore_training)
 from siftc.errors import TraceError, UsageError
@@ -213,7 +215,7 @@ class ShapeRecorder(torch.fx.Interpreter):
         meta = map_aggregate(result, record)
         if found:
             n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
+        n.meta["type"] = torch.Tensor if isinstance(result, FakeTensor) else type(result)
         return result
 
 
@@ -234,6 +236,12 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple):
     if len(example_inputs) > len(placeholders):
         raise UsageError(f"{len(example_inputs)} example inputs given but the model takes "
                          f"{len(placeholders)}; pass one input per forward argument")
+    try:  # on fake tensors first: the shapes and the FLOP count, without computing the model
+        with flops.fake_forward(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            record_shapes(gm, [fake.from_tensor(t) for t in example_inputs])
+        return
+    except Exception:  # noqa: BLE001  a leaf deciding on values, an op without a fake kernel: run it for real
+        pass
     try:
         record_shapes(gm, example_inputs)
     except NodeFailed as e:

@@ -297,7 +297,8 @@ def test_stale_temp_dirs_of_a_killed_convert_are_removed(w, tmp_path):
 
 def test_diverged_training_stops_and_keeps_the_last_finite_checkpoint(w, tmp_path):
     run = tmp_path / "run"
-    code, stdout, stderr = invoke(_train(w, "-o", run, "--lr", "1e30", "--steps", "20", "--checkpoint-every", "1"),
+    code, stdout, stderr = invoke(_train(w, "-o", run, "--lr", "1e30", "--steps", "20", "--checkpoint-every", "1",
+                                         "--update-every", "5"),
                                   tmp_path, False)
     assert_one_line(code, stdout, stderr, "training diverged at step ")
     step = int(re.search(r"diverged at step (\d+)", stderr).group(1))
