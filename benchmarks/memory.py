@@ -191,7 +191,7 @@ def files(model, opt, sparse: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="siftc-memory-") as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
-        checkpoint.save(run, {"run_id": "memory-benchmark", "step": 1, "model": model.state_dict(),
+        checkpoint.save(run, {"run_id": "memory-benchmark", "step": 1, "model": checkpoint.model_state(model),
                               "optimizer": opt.state_dict()})
         art = Path(tmp) / "artifact"
         if sparse:

@@ -87,6 +87,42 @@ def runtime(d) -> str:
             + _table(["row", "pass", "base ms"] + cols, rows) + "\n\nTargets (issue 4):\n\n" + targets + roof_text)
 
 
+def memory(d) -> str:
+    """benchmarks/memory.py: dense vs Sparse-IFT rows, each sparse row's ratios to its dense row."""
+    mb = lambda b: f"{b / 1e6:,.1f}"
+    rows, scale = [], None
+    for r in d["rows"].values():
+        if r["config"].get("scale"):
+            scale = r
+            continue
+        ratio = r.get("ratios", {})
+        cell = lambda key, text: text + (f" ({ratio[key]:.2f}×)" if key in ratio else "")
+        rows.append([f"`{r['name']}`", cell("weight_state", mb(r["weight_state"]["total"])),
+                     cell("peak_rss", mb(r["peak_rss"])), cell("step_s", f"{r['step_s']:.3g}"),
+                     cell("opt_step_s", f"{r['opt_step_s']:.3g}"), cell("checkpoint", mb(r["checkpoint"])),
+                     cell("artifact", mb(r["artifact"])),
+                     " / ".join("met" if t["met"] else "**missed**" for t in r["targets"].values())
+                     if "targets" in r else ""])
+    limits = d["settings"]["targets_max_ratio"]
+    text = (f"**Memory** (`benchmarks/memory.py`, {d['machine']['cpu']}, {d['machine']['threads']} threads, "
+            f"{d['settings']['optimizer']}, {d['settings']['backend']} backend; each row in its own process, "
+            f"{d['settings']['statistic']}): weight state = parameters + gradients + optimizer state + positions "
+            f"+ the native backend's cached index, in MB; ratios to the row's dense model in brackets. "
+            f"Targets: weight state ≤ {limits['weight_state']}×, checkpoint ≤ {limits['checkpoint']}×, "
+            f"optimizer step ≤ {limits['opt_step_s']}× (the load average was "
+            f"{' / '.join(f'{x:.1f}' for x in d['settings'].get('loadavg_1m_before_after', []))} during the "
+            f"run: step times are noisy).\n\n"
+            + _table(["configuration", "weight state MB", "peak RSS MB", "step s", "opt step s", "checkpoint MB",
+                      "artifact MB", "targets (state / ckpt / opt)"], rows))
+    if scale:
+        ws = scale["weight_state"]
+        text += (f"\n\nScale: one AdamW step of GPT-3 Small Sparse Wide 75% (paper Table 14 shapes, sequence 256, "
+                 f"batch 1, native backend) took {scale['step_s']:.1f} s with a peak RSS of {mb(scale['peak_rss'])} MB "
+                 f"and {mb(ws['total'])} MB of weight state; with dense-shaped sparse layers the weight state "
+                 f"would be {mb(ws['dense_shaped_estimate'])} MB (estimated from the shapes, not allocated).")
+    return text
+
+
 def iso_flop_training(d) -> str:
     rows = []
     for task, configs in d["tasks"].items():
@@ -178,7 +214,8 @@ def glance(results: dict) -> str:
     return "**At a glance**\n\n" + "\n".join(lines)
 
 
-SECTIONS = [("convert_time", convert_time), ("runtime", runtime), ("iso_flop_training", iso_flop_training),
+SECTIONS = [("convert_time", convert_time), ("runtime", runtime), ("memory", memory),
+            ("iso_flop_training", iso_flop_training),
             ("inference", inference), ("export_controls", export_controls)]
 
 

@@ -49,8 +49,9 @@ def test_a_model_file_without_example_inputs(tmp_path):
 FRESH = """
 import sys, torch, siftc
 from siftc.nn.sparse import SPARSE_LAYERS
+torch.set_num_threads(int(sys.argv[1]))  # the parent's: another thread count sums in another order
 x, expected = torch.load("io.pt")
-for kind in sys.argv[1:]:
+for kind in sys.argv[2:]:
     gm = siftc.load(kind)
     gm.eval()
     with torch.no_grad():
@@ -77,7 +78,7 @@ def test_fresh_process_same_outputs_and_every_weight_learns(tmp_path, monkeypatc
         with torch.no_grad():
             expected[kind] = gm.eval()(x)
     torch.save((x, expected), tmp_path / "io.pt")
-    run = subprocess.run([sys.executable, "-c", FRESH, *KINDS], cwd=tmp_path, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", FRESH, str(torch.get_num_threads()), *KINDS], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 

@@ -24,8 +24,9 @@ MODELS = {"mlp": ("mlp.py:mlp", (3, 64)), "resnet": ("resnet.py:resnet18_cifar",
 
 FRESH = """
 import sys, torch, siftc
+torch.set_num_threads(int(sys.argv[1]))  # the parent's: another thread count sums in another order
 x, expected = torch.load("io.pt")
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     gm = siftc.load(name).eval()
     with torch.no_grad():
         assert torch.equal(gm(x[name]), expected[name]), name
@@ -55,8 +56,8 @@ def _moved(tmp_path, model: str, kinds) -> tuple[dict, dict]:
 def test_moved_artifact_loads_in_a_fresh_process_bit_exact(tmp_path, model):
     x, expected = _moved(tmp_path, model, KINDS)
     torch.save((x, expected), tmp_path / "io.pt")
-    run = subprocess.run([sys.executable, "-c", FRESH, *x], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", FRESH, str(torch.get_num_threads()), *x], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 

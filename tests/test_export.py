@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import siftc
-from siftc import export as ex
+from siftc.export import ATOL, DEFAULT_OPSET, ExportCheckError, RTOL, export as export_onnx, fold, rebuild, verify
 from siftc import export_checks
 from siftc.cli import main
 from siftc.errors import UsageError
@@ -47,7 +47,7 @@ def _ort(path, inputs):
 @pytest.mark.parametrize("spec,kind", CASES)
 def test_every_example_and_kind_exports_checked(tmp_path, spec, kind):
     gm = siftc.convert(spec_path(spec), kind=kind, sparsity=0.5)
-    done = ex.export(gm, tmp_path / "m.onnx", batch=2)
+    done = export_onnx(gm, tmp_path / "m.onnx", batch=2)
     meta, model = done.meta, onnx.load(str(done.path))
 
     onnx.checker.check_model(model)
@@ -57,7 +57,7 @@ def test_every_example_and_kind_exports_checked(tmp_path, spec, kind):
     inputs = make_inputs(gm.siftc_info.example_inputs, 2, seed=5)
     with torch.no_grad():
         want = gm.eval()(*inputs)
-    np.testing.assert_allclose(_ort(done.path, inputs)[0], want.numpy(), atol=ex.ATOL, rtol=ex.RTOL)
+    np.testing.assert_allclose(_ort(done.path, inputs)[0], want.numpy(), atol=ATOL, rtol=RTOL)
     # Stored zeros: every sparse layer's initializer has exactly the mask's non-zeros.
     masks = {n: m.mask for n, m in gm.named_modules() if hasattr(m, "mask")}
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -68,10 +68,10 @@ def test_every_example_and_kind_exports_checked(tmp_path, spec, kind):
         assert np.count_nonzero(stored) == int(mask.sum())
         assert sparse[name]["density"] == pytest.approx(float(mask.float().mean()))
     # Sidecar: what the file is.
-    assert meta["kind"] == kind and meta["sparsity"] == 0.5 and meta["batch"] == 2 and meta["opset"] == ex.DEFAULT_OPSET
+    assert meta["kind"] == kind and meta["sparsity"] == 0.5 and meta["batch"] == 2 and meta["opset"] == DEFAULT_OPSET
     assert meta["source"] == {"type": "in-memory", "converted_from": spec_path(spec)}
     assert meta["flops"] == gm.siftc_info.report["flops"] == sum(layer["flops"] for layer in meta["layers"])
-    assert meta["checks"]["sparsity"] == "passed" and meta["checks"]["max_abs_error"] <= ex.ATOL
+    assert meta["checks"]["sparsity"] == "passed" and meta["checks"]["max_abs_error"] <= ATOL
     # The check could have failed: the outputs vary with the input, or else the sparse layers' were compared.
     assert meta["checks"]["discriminates"]
     assert meta["checks"]["outputs_vary"] or meta["checks"]["compared"] == "outputs and weight layer outputs"
@@ -82,20 +82,20 @@ def test_artifact_route_every_kind(tmp_path, kind):
     # What `siftc convert -o` then `siftc export` does, and what bench's torch engine rebuilds from.
     gm = siftc.convert(spec_path("examples/gpt.py:gpt_tied"), kind=kind, sparsity=0.5)
     siftc.save(gm, tmp_path / "art")
-    done = ex.export(tmp_path / "art", tmp_path / "m.onnx", batch=2)
+    done = export_onnx(tmp_path / "art", tmp_path / "m.onnx", batch=2)
     assert done.meta["source"]["type"] == "artifact" and done.meta["kind"] == kind
-    assert ex.verify(done.path)["sparsity"] == "passed"  # rebuilt from the artifact: same zeros, same outputs
-    folded, _, _ = ex.rebuild(done.path)
+    assert verify(done.path)["sparsity"] == "passed"  # rebuilt from the artifact: same zeros, same outputs
+    folded, _, _ = rebuild(done.path)
     x = make_inputs(gm.siftc_info.example_inputs, 2, seed=7)
     with torch.no_grad():
-        np.testing.assert_allclose(folded(*x).numpy(), gm.eval()(*x).numpy(), atol=ex.ATOL, rtol=ex.RTOL)
+        np.testing.assert_allclose(folded(*x).numpy(), gm.eval()(*x).numpy(), atol=ATOL, rtol=RTOL)
 
 
 def test_dense_model_py_dynamic_batch(tmp_path):
-    done = ex.export(spec_path("examples/gpt.py:gpt"), tmp_path / "gpt.onnx", dynamic_batch=True)
+    done = export_onnx(spec_path("examples/gpt.py:gpt"), tmp_path / "gpt.onnx", dynamic_batch=True)
     assert done.meta["kind"] == "dense" and done.meta["sparsity"] == 0 and done.meta["dynamic_batch"]
     assert done.meta["inputs"][0]["shape"] == ["batch", 64] and done.meta["inputs"][0]["dtype"] == "int64"
-    folded, masks, example = ex.rebuild(done.path)  # same weights again: the factory ran under a seed
+    folded, masks, example = rebuild(done.path)  # same weights again: the factory ran under a seed
     assert masks == {}
     for batch in (1, 5):
         x = make_inputs(example, batch, seed=batch)
@@ -107,7 +107,7 @@ def test_no_mask_multiply_and_batchnorm_left_for_the_engine(tmp_path):
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
     gm = siftc.convert(dense, kind="parallel", sparsity=0.75, example_inputs=(torch.randn(1, 3, 8, 8),))
-    done = ex.export(gm, tmp_path / "m.onnx")
+    done = export_onnx(gm, tmp_path / "m.onnx")
     ops = [n.op_type for n in onnx.load(str(done.path)).graph.node]
     assert "BatchNormalization" in ops
     assert "Mul" not in ops
@@ -115,8 +115,8 @@ def test_no_mask_multiply_and_batchnorm_left_for_the_engine(tmp_path):
 
 
 def test_tampered_weight_is_caught(tmp_path, mlp_artifact):
-    path = ex.export(mlp_artifact, tmp_path / "m.onnx", batch=1).path
-    assert ex.verify(path)["sparsity"] == "passed"
+    path = export_onnx(mlp_artifact, tmp_path / "m.onnx", batch=1).path
+    assert verify(path)["sparsity"] == "passed"
     meta = read_sidecar(path)
     target = next(layer["initializer"] for layer in meta["layers"] if layer["initializer"])
     model = onnx.load(str(path))
@@ -126,16 +126,16 @@ def test_tampered_weight_is_caught(tmp_path, mlp_artifact):
             arr[arr == 0] = 0.01
             t.CopyFrom(numpy_helper.from_array(arr, t.name))
     onnx.save(model, str(path))
-    with pytest.raises(ex.ExportCheckError, match="outside the mask"):
-        ex.verify(path)
+    with pytest.raises(ExportCheckError, match="outside the mask"):
+        verify(path)
 
 
 def test_refuses_to_overwrite_without_force(tmp_path, mlp_artifact):
     out = tmp_path / "m.onnx"
-    ex.export(mlp_artifact, out)
+    export_onnx(mlp_artifact, out)
     with pytest.raises(UsageError, match="--force"):
-        ex.export(mlp_artifact, out)
-    assert ex.export(mlp_artifact, out, batch=3, force=True).meta["batch"] == 3
+        export_onnx(mlp_artifact, out)
+    assert export_onnx(mlp_artifact, out, batch=3, force=True).meta["batch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx", "m.onnx.json"] or \
         sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no temp leftovers
 
@@ -144,7 +144,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, mlp_artifact):
                                           ({"batch": 4, "dynamic_batch": True}, "contradict")])
 def test_bad_settings(tmp_path, mlp_artifact, kwargs, match):
     with pytest.raises(UsageError, match=match):
-        ex.export(mlp_artifact, tmp_path / "m.onnx", **kwargs)
+        export_onnx(mlp_artifact, tmp_path / "m.onnx", **kwargs)
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -175,17 +175,17 @@ def test_cli_export_errors(tmp_path, mlp_artifact, source, extra, match):
 
 
 def test_opset_too_old_for_the_model_is_one_clear_error(tmp_path):
-    with pytest.raises(ex.ExportCheckError, match=r"opset 13\) failed: .*scaled_dot_product_attention"):
-        ex.export(spec_path("examples/gpt.py:gpt"), tmp_path / "gpt.onnx", opset=13)
+    with pytest.raises(ExportCheckError, match=r"opset 13\) failed: .*scaled_dot_product_attention"):
+        export_onnx(spec_path("examples/gpt.py:gpt"), tmp_path / "gpt.onnx", opset=13)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_check_leaves_no_file(tmp_path, mlp_artifact, monkeypatch):
     def fails(*args, **kwargs):
-        raise ex.ExportCheckError("outputs off (test)")
+        raise ExportCheckError("outputs off (test)")
     monkeypatch.setattr(export_checks, "check_outputs", fails)
-    with pytest.raises(ex.ExportCheckError, match="outputs off"):
-        ex.export(mlp_artifact, tmp_path / "m.onnx")
+    with pytest.raises(ExportCheckError, match="outputs off"):
+        export_onnx(mlp_artifact, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []  # neither the file, its sidecar nor the temporary directory
 
 
@@ -220,7 +220,7 @@ def example_inputs():
 def test_a_bool_input_keeps_its_pattern_from_export_to_bench(tmp_path):
     from siftc.bench.runner import input_arrays, open_model
     (tmp_path / "masked.py").write_text(MASKED)
-    done = ex.export(str(tmp_path / "masked.py"), tmp_path / "m.onnx", batch=3)
+    done = export_onnx(str(tmp_path / "masked.py"), tmp_path / "m.onnx", batch=3)
     x, drop = input_arrays(open_model(done.path), 3, seed=0)
     assert (drop == np.array([[True, False, False, True]] * 3)).all()  # all True would drop every logit
     (y,) = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"]).run(None, {"x": x, "drop": drop})
@@ -252,7 +252,7 @@ def dead_head(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dead")
     (folder / "dead.py").write_text(DEAD_HEAD)
     siftc.save(siftc.convert(str(folder / "dead.py"), kind="parallel", sparsity=0.75), folder / "art")
-    return folder / "dead.py", ex.export(folder / "art", folder / "dead.onnx", batch=2)
+    return folder / "dead.py", export_onnx(folder / "art", folder / "dead.onnx", batch=2)
 
 
 def _perturb(path, out, initializer, change):
@@ -272,7 +272,7 @@ def test_constant_outputs_compare_the_layers(tmp_path, dead_head):
     assert {r["name"] for r in c["layers_compared"] if r["sparse"]} == sparse and len(sparse) == 8
     assert {r["name"] for r in c["layers_compared"] if not r["sparse"]} == {"0", "6"}  # kept dense: first, head
     assert c["layers_not_compared"] == {}
-    assert all(r["max_abs_error"] <= ex.ATOL * r["scale"] for r in c["layers_compared"])
+    assert all(r["max_abs_error"] <= ATOL * r["scale"] for r in c["layers_compared"])
     assert all(r["scale"] > 0 for r in c["layers_compared"] if r["name"] != "6")  # the zero head's output is its bias
     res = CliRunner().invoke(main, ["export", str(done.path.parent / "art"), "-o", str(tmp_path / "m.onnx")])
     assert res.exit_code == 0, res.output
@@ -291,11 +291,11 @@ def test_a_wrong_file_of_a_constant_output_model_is_caught(tmp_path, dead_head, 
     _, done = dead_head
     wrong = tmp_path / "wrong.onnx"
     _perturb(done.path, wrong, initializer, change)
-    folded, _, example = ex.rebuild(wrong)
+    folded, _, example = rebuild(wrong)
     x = make_inputs(example, 2, seed=2)
     assert export_checks.check_outputs(wrong, folded, x) == 0  # the outputs alone cannot tell
-    with pytest.raises(ex.ExportCheckError, match=match):
-        ex.verify(wrong)
+    with pytest.raises(ExportCheckError, match=match):
+        verify(wrong)
 
 
 ZERO = '''
@@ -331,15 +331,15 @@ def test_mobilenetv2_factorized_wrong_file_is_caught(tmp_path):
     # Its activations vanish at random init (outputs ~1e-22): the file's outputs are compared and so are
     # its layers', each relative to its own scale.
     gm = siftc.convert(spec_path("examples/mobilenetv2.py:mobilenetv2"), kind="factorized", sparsity=0.5)
-    done = ex.export(gm, tmp_path / "m.onnx", batch=2)
+    done = export_onnx(gm, tmp_path / "m.onnx", batch=2)
     c = done.meta["checks"]
     assert not c["outputs_vary"] and c["compared"] == "outputs and weight layer outputs" and c["discriminates"]
     assert sum(r["sparse"] for r in c["layers_compared"]) == sum(hasattr(m, "mask") for m in gm.modules()) == 40
-    folded, masks = ex.fold(gm)
+    folded, masks = fold(gm)
     wrong = tmp_path / "wrong.onnx"
     _perturb(done.path, wrong, "blocks.0.depthwise.0.weight", lambda w: w * 1.5)  # dense, before sparse ones
     x = make_inputs(gm.siftc_info.example_inputs, 2)
-    assert export_checks.check_outputs(wrong, folded, x) < ex.ATOL  # the outputs alone cannot tell
-    with pytest.raises(ex.ExportCheckError, match=r"sparse layer blocks\.0\.project\.0\.u's output"):
+    assert export_checks.check_outputs(wrong, folded, x) < ATOL  # the outputs alone cannot tell
+    with pytest.raises(ExportCheckError, match=r"sparse layer blocks\.0\.project\.0\.u's output"):
         export_checks.check(wrong, folded, x, masks, example_inputs=gm.siftc_info.example_inputs)
     assert export_checks.check(done.path, folded, x, masks, example_inputs=gm.siftc_info.example_inputs)["discriminates"]

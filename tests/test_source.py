@@ -50,7 +50,7 @@ def test_an_artifact_resolves_and_is_verified_once(tmp_path, monkeypatch):
     real = store.file_sha256
     monkeypatch.setattr(store, "file_sha256", lambda p: hashed.append(p.name) or real(p))
     got = source.resolve(tmp_path / "art")
-    assert sorted(hashed) == ["inputs.pt", "weights.pt"]  # each checksum checked once, not twice
+    assert sorted(hashed) == ["graph.json", "inputs.pt", "weights.pt"]  # each checksum checked once, not twice
     assert got.origin == {"type": "artifact", "path": str((tmp_path / "art").resolve()),
                           "model": gm.siftc_info.source.to_json()}
     assert got.report["kind"] == "parallel" and len(got.example_inputs) == 1

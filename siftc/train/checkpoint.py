@@ -28,8 +28,16 @@ RUN_FORMAT = "siftc-run"
 CKPT_FORMAT = "siftc-checkpoint"
 VERSION = 1
 # What a checkpoint holds (siftc.train.loop._checkpoint writes them, _restore reads them).
-KEYS = ("run_id", "step", "model", "optimizer", "scheduler", "rng", "auto_choices", "metrics_offset",
-        "elapsed")
+# Later additions are optional, so a checkpoint from before them resumes: lr_schedule (a constant LR
+# then) and auto_choices (none restored then: auto times its layers again).
+KEYS = ("run_id", "step", "model", "optimizer", "scheduler", "rng", "metrics_offset", "elapsed")
+
+
+def model_state(model) -> dict:
+    """The model's state as a checkpoint holds it: packed as an artifact's weights.pt (a sparse layer's
+    values and its mask's bits), which `siftc.artifact.unpack_state` reverses."""
+    from siftc.artifact import pack_state
+    return pack_state(model.state_dict())
 
 
 def artifact_digest(artifact) -> str:

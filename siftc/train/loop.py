@@ -37,7 +37,7 @@ from siftc.errors import SiftcError, UsageError
 from siftc.nn.sparse import set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
-from siftc.artifact import FORMAT as ARTIFACT, pack_state, unpack_state
+from siftc.artifact import FORMAT as ARTIFACT, unpack_state
 from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_file, write_json
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
@@ -412,7 +412,7 @@ def _checkpoint(out, run_id, model, optimizer, sched, lr_sched, step, log, elaps
         states = [mine]
     if lead:
         log.sync()
-        checkpoint.save(out, {"run_id": run_id, "step": step, "model": pack_state(model.state_dict()),
+        checkpoint.save(out, {"run_id": run_id, "step": step, "model": checkpoint.model_state(model),
                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                               "lr_schedule": lr_sched.state_dict(),
                               "rng": [rng for rng, _ in states], "auto_choices": [c for _, c in states],
@@ -436,7 +436,7 @@ def _restore(model, optimizer, sched, lr_sched, state, rank, out):
         lr_sched.load_state_dict(state["lr_schedule"])
     torch.set_rng_state(state["rng"][rank])
     try:  # last: at the masks as loaded, so the layers run on the backends they ran on, timing nothing
-        AUTO.restore(model, state["auto_choices"][rank])
+        AUTO.restore(model, state.get("auto_choices", [{}] * (rank + 1))[rank])
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{out / 'checkpoint.pt'}: its auto-backend choices do not fit this run's model "
                          f"({e}); delete it to restart from step 0") from e
