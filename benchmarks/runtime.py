@@ -209,7 +209,7 @@ def roofline(batch, reps, s=0.9):
     xd, xs = torch.randn(batch, base), torch.randn(batch, width)
 
     def parts(mod, x):
-        w, b = mod.weight, mod.bias
+        w, b = (mod.values if isinstance(mod, SPARSE_LAYERS) else mod.weight), mod.bias  # the trained tensors
         g = torch.randn(batch, mod.out_features)
         xg = x.clone().requires_grad_()
 
