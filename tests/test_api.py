@@ -46,3 +46,12 @@ def test_a_missing_extra_names_what_to_install():
     finally:
         del extras.EXTRAS["siftc_no_such_module"]
     assert extras.require("json", "x") is json
+
+
+def test_bench_notes_print_brackets_as_written(capsys):
+    """Notes are plain text, not rich markup: the extra's name survives printing."""
+    from siftc.cli.bench import print_results
+    result = {"machine": {"cpu": "x", "usable_cores": 1}, "results": [],
+              "notes": ["deepsparse: not installed; pip install 'siftc[deepsparse]'"]}
+    print_results(result)
+    assert "pip install 'siftc[deepsparse]'" in capsys.readouterr().out

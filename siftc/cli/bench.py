@@ -147,6 +147,7 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
 
 def print_results(result: dict):
     from rich.console import Console
+    from rich.markup import escape  # notes are plain text: "siftc[deepsparse]" is not a style tag
     from rich.table import Table
 
     m = result["machine"]
@@ -159,12 +160,12 @@ def print_results(result: dict):
         name = Path(r["model"]).name + (f" ({r['kind']} {r['sparsity']:g})" if r.get("kind") else "")
         if r["status"] != "ok":
             table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), *["-"] * (len(cols) - 5),
-                          r.get("note", ""))
+                          escape(r.get("note", "")))
             continue
         vs = [_solid(r["vs_baseline"]["items_per_s"], r["vs_baseline"]["stable"])] if "baseline" in result else []
         table.add_row(name, r["engine"], str(r["batch"]), str(r["threads"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", f"{r['items_per_s']:,.1f}", *vs,
-                      "; ".join(_notes(r)))
+                      escape("; ".join(_notes(r))))
     console = Console() if Console().is_terminal else Console(width=200)
     console.print(table)
     if "baseline" in result:
@@ -172,7 +173,7 @@ def print_results(result: dict):
     if "sweep" in result:
         console.print(_sweep_table(result))
     for note in result["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
 
 
 def _notes(r: dict) -> list[str]:
