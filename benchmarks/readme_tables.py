@@ -114,6 +114,8 @@ def memory(d) -> str:
             f"run: step times are noisy).\n\n"
             + _table(["configuration", "weight state MB", "peak RSS MB", "step s", "opt step s", "checkpoint MB",
                       "artifact MB", "targets (state / ckpt / opt)"], rows))
+    if d.get("note"):
+        text += f"\n\nNote: {d['note']}"
     if scale:
         ws = scale["weight_state"]
         text += (f"\n\nScale: one AdamW step of GPT-3 Small Sparse Wide 75% (paper Table 14 shapes, sequence 256, "
