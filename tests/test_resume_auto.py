@@ -17,6 +17,7 @@ from siftc.runtime import BACKENDS
 from siftc.runtime.auto import AutoBackend
 from siftc.runtime.masked import MaskedDense
 from test_train import ENV, work  # noqa: F401 (work: the converted classifier and its data)
+from test_train_interrupt import signal_after
 
 # Imported first by every siftc process below: makes candidate os.environ["SLOW"] of the auto backend
 # 5 ms slower while auto times it, so which backend wins is a setting of the process, as real timings
@@ -151,15 +152,7 @@ def siftc_slowed(tmp_path, slow: str):
 def kill_after(cmd, env, run, step: int, timeout: float = 60) -> dict:
     """Start `cmd` (a `siftc train` into `run`), SIGKILL it once metrics.jsonl has reached `step`, and
     return the checkpoint it left."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, metrics = time.time() + timeout, run / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_after(cmd, run, step, signal.SIGKILL, timeout, env=env)
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
 

@@ -17,10 +17,10 @@ ARGS = dict(method="rigl", batch_size=16, update_every=60, checkpoint_every=50, 
             threads=1)
 
 
-def signal_after(cmd, run, step: int, sig: int, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Start `cmd` (a `siftc train` into `run`), send it `sig` once metrics.jsonl has reached `step`,
-    and return how it ended. (test_resume_auto.kill_after is this with SIGKILL, returning the checkpoint.)"""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def signal_after(cmd, run, step: int, sig: int, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+    """Start `cmd` (a `siftc train` into `run`; environment `env`, default test_train's), send it `sig`
+    once metrics.jsonl has reached `step`, and return how it ended."""
+    proc = subprocess.Popen(cmd, env=ENV if env is None else env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, metrics = time.time() + timeout, run / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines()):
