@@ -43,6 +43,9 @@ def _worker(rank: int, cfg: TrainConfig, run_id: str, progress, port: int, error
     dist.init_process_group("gloo", rank=rank, world_size=cfg.nproc)
     try:
         run(cfg, run_id, progress, rank=rank, world=cfg.nproc)
+        # Both ranks finished before either tears down its gloo connections: a rank whose peer has
+        # already closed them can abort in gloo's own thread ("terminate called", seen once in CI).
+        dist.barrier()
     except SiftcError as e:
         if errors is None:
             raise
