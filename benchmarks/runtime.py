@@ -16,16 +16,14 @@ A "wide" row is the iso-FLOP Sparse Wide layer: width * sqrt(1/(1-s)), non-zeros
 weight count, so its ideal cost is 1.0x the dense base. The ResNet-18 row is one training step (forward,
 backward, SGD step) of siftc.convert(resnet18_cifar(), kind="wide", sparsity=0.9).
 
-Memory settings: the defaults a user gets (glibc's allocator, no huge pages), recorded in the JSON.
---thp (PyTorch's THP_MEM_ALLOC_ENABLE=1) and --malloc-keep (glibc keeps freed memory: mallopt
-M_MMAP_THRESHOLD/M_TRIM_THRESHOLD) measure with them, for every column alike. They used to be the
-defaults here, when the native backward wrote a dense weight gradient that was page-faulted in fresh on
-every backward; since the kernels write the gradient at the non-zeros only, the Wide Linear s=0.9 fwd+bwd
-measured the same with and without them (within 5%, 2 threads and 1 thread, AMD EPYC), so neither belongs
-in the product.
+Memory settings: the process's own, as a user of siftc has them (glibc's allocator, PyTorch's defaults);
+this script sets nothing process-wide. It once turned on huge pages (THP_MEM_ALLOC_ENABLE=1) and had glibc
+keep freed memory (mallopt), when the native backward wrote a dense weight gradient page-faulted in fresh
+on every backward; since the kernels write the gradient at the non-zeros only, the Wide Linear s=0.9
+fwd+bwd measured the same with and without them (within 5%, 2 threads and 1 thread, AMD EPYC), so neither
+belongs in the product, and neither is here.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -35,15 +33,12 @@ import time
 import warnings
 from pathlib import Path
 
-if "--thp" in sys.argv:
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by PyTorch's CPU allocator when it starts
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from siftc.bench.runner import machine as bench_machine  # noqa: E402
-from siftc.nn.sparse import SPARSE_LAYERS, SparseConv2d, SparseLinear  # noqa: E402
-from siftc.nn.sparse import set_backend  # noqa: E402
+from siftc.bench.runner import machine as bench_machine
+from siftc.nn.sparse import SPARSE_LAYERS, SparseConv2d, SparseLinear
+from siftc.nn.sparse import set_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "runtime.json"
@@ -51,21 +46,10 @@ COLUMNS = ["dense", "masked", "csr", "sparseprop", "native"]
 BACKEND = {"masked": "torch", "sparseprop": "sparseprop", "native": "native"}
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks for reuse instead of returning them to the OS (no fresh page faults)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def machine(malloc_keep: bool) -> dict:
+def machine() -> dict:
     """The inference benchmark's machine record (CPU model, cores), plus torch's threads and settings."""
     return {**bench_machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", "malloc_keep": malloc_keep}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def interleaved(fns: dict, reps: int) -> dict:
@@ -315,12 +299,9 @@ def main():
     ap.add_argument("--resnet-reps", type=int, default=5, help="repeats of the ResNet-18 training step")
     ap.add_argument("--batch", type=int, default=256, help="batch of the Linear rows")
     ap.add_argument("--quick", action="store_true", help="3 repeats, no ResNet-18 row")
-    ap.add_argument("--thp", action="store_true", help="PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE=1)")
-    ap.add_argument("--malloc-keep", action="store_true", help="glibc keeps freed memory instead of returning it")
     ap.add_argument("-o", "--out", default=str(OUT))
     args = ap.parse_args()
     reps = 3 if args.quick else args.reps
-    malloc_keep = args.malloc_keep and keep_freed_memory()
     load_before = os.getloadavg()  # other processes on the machine; the lock only keeps benchmarks apart
     rows = linear_rows([0.5, 0.75, 0.9, 0.95], args.batch, reps) + conv_rows(64, reps)
     roof = roofline(args.batch, reps)
@@ -334,7 +315,7 @@ def main():
               f"{v['dense_gflops']:.1f}; >= {v['dram_bytes_min'] / 1e6:.0f} MB to memory "
               f"({v['dram_ms_at_stream_rate']:.1f} ms at {roof['stream_gbs']['read']:.1f} GB/s); kernel operands "
               f"{v['kernel_operand_bytes'] / 1e9:.2f} GB at {v['kernel_operand_gbs']:.0f} GB/s")
-    result = {"machine": machine(malloc_keep), "settings": {"reps": reps, "resnet_reps": args.resnet_reps,
+    result = {"machine": machine(), "settings": {"reps": reps, "resnet_reps": args.resnet_reps,
               "statistic": "median wall ms, columns interleaved", "ratio_to": "the row's dense base ('base')",
               "linear_batch": args.batch, "conv_batch": 64,
               "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]},
