@@ -110,6 +110,10 @@ def test_sweep_ratios_small_or_unstable(capsys):
             _row("s.onnx", "onnxruntime", [[0.004] * 9] * 2, sparsity=0.9)]
     result = _result(rows, baseline="dense.onnx")
     result["sweep"] = {"points": relative(result)}
+    dense_point, point = result["sweep"]["points"]
+    assert dense_point["stable"] == {"deepsparse": True, "onnxruntime": True}
+    assert point["stable"] == {"deepsparse": False, "onnxruntime": True}  # the JSON says it too
+    assert point["deepsparse_speedup_stable"] is False
     print_results(result)
     out = capsys.readouterr().out
     cells = _cells(out)

@@ -99,17 +99,25 @@ def run_sweep(spec: str, kind: str, sparsities, out_dir, cfg: BenchConfig, *, op
 
 def relative(result: dict) -> list[dict]:
     """Per (batch, sparsity): each engine's p50 relative to the dense file's p50 on the same engine,
-    and DeepSparse's speed-up over ONNX Runtime on the same file."""
+    and DeepSparse's speed-up over ONNX Runtime on the same file. `stable[engine]` says whether that
+    ratio may be read: False when this row or the dense row it divides by is unstable (see
+    runner.stability), as the CLI table marks it; `deepsparse_speedup_stable` likewise."""
     ok = [r for r in result["results"] if r["status"] == "ok"]
-    dense = {(r["engine"], r["batch"]): r["p50_ms"] for r in ok if not r["sparsity"]}
+    dense = {(r["engine"], r["batch"]): r for r in ok if not r["sparsity"]}
     points = {}
     for r in ok:
         p = points.setdefault((r["batch"], r["sparsity"]), {"batch": r["batch"], "sparsity": r["sparsity"],
-                                                            "file": r["model"], "p50_ms": {}, "relative": {}})
+                                                            "file": r["model"], "p50_ms": {}, "relative": {},
+                                                            "stable": {}, "_rows": {}})
         p["p50_ms"][r["engine"]] = r["p50_ms"]
-        if (r["engine"], r["batch"]) in dense:
-            p["relative"][r["engine"]] = r["p50_ms"] / dense[(r["engine"], r["batch"])]
+        p["_rows"][r["engine"]] = r
+        base = dense.get((r["engine"], r["batch"]))
+        if base is not None:
+            p["relative"][r["engine"]] = r["p50_ms"] / base["p50_ms"]
+            p["stable"][r["engine"]] = bool(r["stable"] and base["stable"])
     for p in points.values():
-        if {"deepsparse", "onnxruntime"} <= p["p50_ms"].keys():
+        rows = p.pop("_rows")
+        if {"deepsparse", "onnxruntime"} <= rows.keys():
             p["deepsparse_speedup_vs_onnxruntime"] = p["p50_ms"]["onnxruntime"] / p["p50_ms"]["deepsparse"]
+            p["deepsparse_speedup_stable"] = bool(rows["onnxruntime"]["stable"] and rows["deepsparse"]["stable"])
     return sorted(points.values(), key=lambda p: (p["batch"], p["sparsity"]))

@@ -198,22 +198,13 @@ def _solid(ratio, stable: bool) -> str:
 def _sweep_table(result: dict):
     from rich.table import Table
 
-    rows = {(r["model"], r["engine"], r["batch"]): r for r in result["results"] if r["status"] == "ok"}
     points = result["sweep"]["points"]
-    dense = {p["batch"]: p["file"] for p in points if not p["sparsity"]}
-
-    def stable(file, *engines_batch):
-        return all(rows.get((file, e, b), {}).get("stable") for e, b in engines_batch)
-
     sweep = Table(title="latency relative to dense on the same engine (p50)", title_justify="left")
     engines = sorted({e for p in points for e in p["relative"]})
     for col in ["batch", "sparsity", *engines, "DeepSparse speed-up vs ORT"]:
         sweep.add_column(col, justify="right")
     for p in points:
-        b = p["batch"]
-        rel = [_solid(p["relative"].get(e), stable(p["file"], (e, b)) and stable(dense.get(b), (e, b)))
-               for e in engines]
-        speed = _solid(p.get("deepsparse_speedup_vs_onnxruntime"),
-                       stable(p["file"], ("deepsparse", b), ("onnxruntime", b)))
-        sweep.add_row(str(b), f"{p['sparsity']:g}", *rel, speed)
+        rel = [_solid(p["relative"].get(e), p["stable"].get(e, False)) for e in engines]
+        speed = _solid(p.get("deepsparse_speedup_vs_onnxruntime"), p.get("deepsparse_speedup_stable", False))
+        sweep.add_row(str(p["batch"]), f"{p['sparsity']:g}", *rel, speed)
     return sweep
