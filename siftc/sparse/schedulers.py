@@ -13,6 +13,10 @@ largest. The drop fraction is cosine-annealed, a/2 * (1 + cos(pi * t / T_end)), 
 Regrown weights and their optimizer state start at zero; every layer keeps its non-zero count, so the
 model stays iso-FLOP throughout. Static never changes a mask.
 
+A layer may carry a sparsity pattern (`layer.pattern`, a siftc.sparse.patterns.Pattern; None or
+unstructured is the above): then whole blocks are dropped by L1 norm and regrown (at random, or by the
+L1 norm of the dense gradient), and N:M layers keep N per group, by siftc.sparse.structured.swap.
+
 RigL's dense gradient dL/dW = dY^T X is computed only for the backward of an update step: the scheduler
 knows the next step is one, and for that step hooks every sparse layer's input and output gradient, so
 it works with any runtime backend (which itself only computes the weight gradient at non-zeros).
@@ -28,6 +32,7 @@ from torch import nn
 
 from siftc import layers
 from siftc.errors import UsageError
+from siftc.sparse import structured
 from siftc.sparse.distribution import sparse_layers
 
 # The paper's schedule, the one default of every scheduler, TrainConfig and `siftc train`: masks change
@@ -109,10 +114,15 @@ class Static:
             changed[name] = k
             if k == 0:
                 continue
-            mask, moved = self._swap(layer, k, scores.get(name))
-            self._sync(mask, moved)
-            src, kept = layer.set_mask(mask)  # dropped weights leave; grown ones start at zero
-            kept &= ~moved.reshape(-1)[layer.positions.long()]  # so does one dropped and regrown
+            pattern = getattr(layer, "pattern", None)
+            if pattern is not None and pattern.structured:
+                src, kept = self._swap_structured(layer, pattern, k, scores.get(name))
+                changed[name] = int((~kept).sum())
+            else:
+                mask, moved = self._swap(layer, k, scores.get(name))
+                self._sync(mask, moved)
+                src, kept = layer.set_mask(mask)  # dropped weights leave; grown ones start at zero
+                kept &= ~moved.reshape(-1)[layer.positions.long()]  # so does one dropped and regrown
             layer.values[~kept] = 0
             self._repack_optimizer_state(layer.values, src, kept)
         self._dense_grad.clear()
@@ -137,6 +147,19 @@ class Static:
         moved[grow] = True
         return new.view_as(layer.mask), moved.view_as(layer.mask)
 
+    def _swap_structured(self, layer, pattern, k: int, grow_score) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same update keeping `layer.pattern` (siftc.sparse.structured.swap: whole blocks, N per
+        group); returns set_positions' (src, kept) with regrown entries not kept."""
+        new, regrown = structured.swap(layer.positions, layer.values, layer.weight_shape, pattern, k,
+                                       **self._grow_from(grow_score))
+        self._sync(new, regrown)
+        src, kept = layer.set_positions(new)
+        return src, kept & ~regrown
+
+    def _grow_from(self, grow_score) -> dict:
+        """What `structured.swap` grows by: `grad=` (RigL) or `generator=` (SET)."""
+        raise NotImplementedError
+
     def _score(self, grow_score, kept):
         raise NotImplementedError
 
@@ -144,13 +167,14 @@ class Static:
         return {}
 
     @staticmethod
-    def _sync(*masks: torch.Tensor):
-        """Every rank takes rank 0's decision, so masks are identical everywhere whatever the tie-breaks."""
+    def _sync(*tensors: torch.Tensor):
+        """Every rank takes rank 0's decision (masks, or positions and their regrown flags), so masks are
+        identical everywhere whatever the tie-breaks."""
         if _dist_world() > 1:
-            for mask in masks:
-                as_bytes = mask.to(torch.uint8)
-                dist.broadcast(as_bytes, src=0)
-                mask.copy_(as_bytes.bool())
+            for t in tensors:
+                wire = t.to(torch.uint8) if t.dtype == torch.bool else t  # bools go as bytes
+                dist.broadcast(wire, src=0)
+                t.copy_(wire)
 
     def _repack_optimizer_state(self, param: torch.Tensor, src: torch.Tensor, kept: torch.Tensor):
         """Per-parameter optimizer state (momentum, Adam's moments) follows the values to their new
@@ -209,6 +233,9 @@ class SET(Static):
     def _score(self, grow_score, kept):
         return torch.rand(kept.shape, generator=self.generator)
 
+    def _grow_from(self, grow_score) -> dict:
+        return {"generator": self.generator}
+
 
 class RigL(Static):
     """Rigging the Lottery: drop by magnitude, regrow where the dense gradient is largest."""
@@ -232,6 +259,9 @@ class RigL(Static):
 
     def _score(self, grow_score, kept):
         return grow_score.abs().reshape(-1)
+
+    def _grow_from(self, grow_score) -> dict:
+        return {"grad": grow_score}
 
 
 def dense_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
