@@ -12,7 +12,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 from siftc import sparse  # noqa: E402
-from siftc.api import bench, convert, export, load, save  # noqa: E402  after the submodules: siftc.convert/export/bench are the functions
+from siftc.api import bench, convert, densify, export, load, save  # noqa: E402  after the submodules: siftc.convert/export/bench/densify are the functions
 from siftc.errors import SiftcError  # noqa: E402
 
-__all__ = ["convert", "load", "save", "export", "bench", "sparse", "SiftcError"]
+__all__ = ["convert", "load", "save", "export", "bench", "densify", "sparse", "SiftcError"]

@@ -5,11 +5,13 @@
     >>> siftc.save(sparse, "out/mlp-par90")
     >>> again = siftc.load("out/mlp-par90", model=MLP())   # model= only for in-memory conversions
     >>> siftc.export("out/mlp-par90", "mlp.onnx", batch=64)
+    >>> dense = siftc.densify(siftc.load("runs/mlp/model"))   # every weight trainable, shapes kept
     >>> result = siftc.bench(["mlp.onnx"], engines=("deepsparse", "onnxruntime"), batches=(64,))
 """
 from torch import nn
 
 from siftc import artifact
+from siftc import densify as densifier  # imported here, so `siftc.densify` ends up the function (see __init__)
 from siftc import export as exporter  # imported here, so `siftc.export` ends up the function (see __init__)
 from siftc.bench import runner
 from siftc.bench.engine import ENGINES
@@ -53,6 +55,13 @@ def load(path, model: nn.Module | None = None, trust_source: bool | None = None)
     `trust_source=True` lets an artifact that needs its model file (a --leaf user module, format v2)
     import and run that file."""
     return artifact.load(path, model=model, trust_source=trust_source)
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of a converted (or sparse-trained) model whose every weight trains: each sparse layer
+    becomes the dense layer of its shape, the non-zeros keep their values, the rest start at zero, and
+    the report's FLOPs become the dense-shaped ones. Save it with `siftc.save`."""
+    return densifier.densify(model)
 
 
 def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, opset: int | None = None,

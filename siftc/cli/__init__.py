@@ -18,6 +18,7 @@ COMMANDS = {
     "export": "siftc.cli.export:export_cmd",
     "bench": "siftc.cli.bench:bench_cmd",
     "train": "siftc.cli.train:train",
+    "densify": "siftc.cli.densify:densify_cmd",
 }
 
 
