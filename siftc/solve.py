@@ -104,3 +104,41 @@ def wide_nnz(budgets: list[int], capacities: list[int], positions: list[int], ex
     if alpha <= 0:
         raise ValueError(f"kept-dense layers need {extra} more FLOPs, the sparse layers have {total}")
     return [min(c, max(0, round(alpha * b))) for b, c in zip(budgets, capacities)]
+
+
+# ---- whole blocks (structured patterns, siftc.sparse.patterns) -----------------------------------
+# A layer with a block pattern holds a whole number of blocks of `block` (= Pattern.unit) weights; FLOPs
+# are 2 x non-zeros x output positions, so a count within half a block of the budget has FLOPs within
+# half a block's. N:M fixes the count instead (Pattern.fixed_nnz); solve the structure around its
+# density with siftc.sparse.patterns.effective_sparsity.
+def whole_blocks(nnz: float, block: int, capacity: int) -> int:
+    """The multiple of `block` nearest `nnz` (a budget in weights, e.g. wide_nnz's count for a layer),
+    within [0, capacity]; `capacity` (the layer's weights) is a multiple of `block` when the pattern
+    fits the layer."""
+    if block < 1 or capacity % block:
+        raise ValueError(f"capacity {capacity} is not a whole number of {block}-weight blocks")
+    return min(capacity, max(0, math.floor(nnz / block + 0.5) * block))
+
+
+def split_blocks(budget: int, capacities: list[int], blocks: list[int]) -> tuple[int, ...]:
+    """`split` in whole blocks: part i gets a multiple of blocks[i] (its pattern's block size), at most
+    its capacity, in proportion to the capacities, summing to within half the largest block of
+    `budget` (largest remainders get the leftover blocks)."""
+    total = sum(capacities)
+    if not 0 <= budget <= total:
+        raise ValueError(f"budget {budget} does not fit capacities {capacities}")
+    if any(b < 1 or c % b for c, b in zip(capacities, blocks)):
+        raise ValueError(f"capacities {capacities} are not whole numbers of blocks {blocks}")
+    exact = [budget * c / total for c in capacities]
+    out = [math.floor(e / b) * b for e, b in zip(exact, blocks)]
+    left = budget - sum(out)
+    order = sorted(range(len(out)), key=lambda i: exact[i] - out[i], reverse=True)
+    grew = True
+    while grew:  # rounds over the parts, so leftover blocks spread as evenly as they fit
+        grew = False
+        for i in order:
+            if 2 * left >= blocks[i] and out[i] + blocks[i] <= capacities[i]:
+                out[i] += blocks[i]
+                left -= blocks[i]
+                grew = True
+    return tuple(out)

@@ -58,3 +58,31 @@ def test_erk_caps_dense_layers():
 def test_unknown_distribution():
     with pytest.raises(UsageError, match="uniform"):
         distribute(Net(), "lognormal")
+
+
+def test_erk_and_apply_keep_layer_patterns():
+    """A block layer gets whole blocks, an N:M layer keeps N/M, total FLOPs stay, masks stay structured."""
+    from siftc.sparse.patterns import Pattern, check_structure
+    from siftc.sparse.structured import random_positions
+    net = Net()
+    patterns = {"conv": Pattern.parse("block:4x1"), "fc1": Pattern.parse("block:4x4"), "fc2": Pattern.parse("nm:1:4")}
+    g = torch.Generator().manual_seed(0)
+    for name, layer in sparse_layers(net).items():
+        layer.pattern = patterns[name]
+        shape = layer.weight_shape
+        nnz = layer.pattern.fixed_nnz(shape) or layer.nnz // layer.pattern.unit * layer.pattern.unit
+        layer.set_positions(random_positions(shape, layer.pattern, nnz, g))
+        layer.reset_parameters()
+    x = (torch.randn(1, 3, 8, 8),)
+    before = flops.count(net, x)
+    counts = distribute(net, "erk", x)
+    assert counts["fc2"] == 160                                    # 1:4 of 640, fixed
+    assert counts["conv"] % 4 == 0 and counts["fc1"] % 16 == 0      # whole blocks
+    assert counts["conv"] != sparse_layers(net)["conv"].nnz         # ERK did move the budget
+    apply(net, counts, torch.Generator().manual_seed(1))
+    after = flops.count(net, x)
+    assert before.total - 2 * 64 * 4 < after.total <= before.total  # within one conv block (64 positions)
+    for name, layer in sparse_layers(net).items():
+        assert layer.nnz == counts[name]
+        assert check_structure(layer.positions, layer.weight_shape, layer.pattern) is None
+        assert layer.values.count_nonzero() == layer.nnz            # new weights drawn, not zero

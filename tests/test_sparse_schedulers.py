@@ -206,3 +206,150 @@ def test_conv_layers_and_state_round_trip():
 def test_bad_scheduler_arguments(kwargs):
     with pytest.raises(UsageError):
         sp.RigL(tiny(), None, **kwargs)
+
+
+# ---- structured masks: layer.pattern ------------------------------------------------------------
+from siftc.sparse.patterns import Pattern, Tiling, check_structure  # noqa: E402
+from siftc.sparse.structured import random_positions  # noqa: E402
+
+STRUCTURED = ["block:4x1", "block:16x1", "block:1x4", "block:4x4", "nm:2:4", "nm:4:8:t"]
+
+
+def structured_net(text, seed=0):
+    """A conv and a linear layer carrying `text`'s pattern, at ~30% density in whole blocks."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(SparseConv2d(8, 16, 3, padding=1, generator=g), nn.ReLU(), nn.Flatten(),
+                          SparseLinear(16 * 4 * 4, 16, generator=g))
+    pattern = Pattern.parse(text)
+    for layer in sp.sparse_layers(model).values():
+        layer.pattern = pattern
+        shape = layer.weight_shape
+        nnz = pattern.fixed_nnz(shape) or round(0.3 * math.prod(shape) / pattern.unit) * pattern.unit
+        layer.set_positions(random_positions(shape, pattern, nnz, g))
+        layer.reset_parameters()
+    return model
+
+
+def assert_structured(layer):
+    assert check_structure(layer.positions, layer.weight_shape, layer.pattern) is None
+    if layer.pattern.transposable:  # the transposed weight, (in, out) at each kernel position, is N:M too
+        flipped = layer.mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+        shape_t = (layer.weight_shape[1], layer.weight_shape[0], *layer.weight_shape[2:])
+        assert check_structure(flipped, shape_t, Pattern.nm(layer.pattern.n, layer.pattern.m)) is None
+
+
+@pytest.mark.parametrize("text", STRUCTURED)
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_structured_masks_keep_their_structure_through_updates(method, text):
+    model = structured_net(text)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = sp.METHODS[method](model, opt, total_steps=40, update_every=3, drop_fraction=0.5)
+    layers = sp.sparse_layers(model)
+    counts = {n: l.nnz for n, l in layers.items()}
+    g = torch.Generator().manual_seed(1)
+    moved, changed = 0, dict.fromkeys(layers, 0)
+    for _ in range(40):
+        masks = {n: l.mask.clone() for n, l in layers.items()}
+        loss = model(torch.randn(4, 8, 4, 4, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        record = sched.step()
+        for n, layer in layers.items():
+            assert_structured(layer)
+            assert layer.nnz == counts[n]
+            grown = (layer.mask & ~masks[n]).reshape(-1)[layer.positions.long()]
+            assert torch.all(layer.values[grown] == 0)
+            for state in ("exp_avg", "exp_avg_sq"):
+                assert torch.all(opt.state[layer.values][state][grown] == 0)
+            moved += int(grown.sum())
+        if record:  # what moved: whole blocks (a count under half a block rounds to none)
+            for n, k in record["changed"].items():
+                assert k % layers[n].pattern.unit == 0
+                changed[n] += k
+    assert sched.updates == len(sched.update_steps()) == 9
+    # changed also counts blocks dropped and regrown in place (which restart at zero too)
+    assert all(k > 0 for k in changed.values()) and 0 < moved <= sum(changed.values())
+
+
+def crafted_linear(text, nnz, seed=3):
+    """A bias-free 8 -> 16 SparseLinear with `text`'s pattern and every weight's magnitude distinct."""
+    pattern = Pattern.parse(text)
+    layer = SparseLinear(8, 16, bias=False, generator=torch.Generator().manual_seed(seed))
+    layer.pattern = pattern
+    layer.set_positions(random_positions((16, 8), pattern, nnz, torch.Generator().manual_seed(seed)))
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(seed)).float()
+    with torch.no_grad():
+        layer.set_weight(((perm + 1) / 100).view(16, 8))
+    return layer
+
+
+def rigl_update(layer, seed=7):
+    """One RigL update of `layer` at lr 0 for x = I, so dL/dW = G^T for the returned G."""
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.0, weight_decay=0.0)
+    sched = sp.RigL(layer, opt, total_steps=1000, update_every=1, end_fraction=1.0)
+    G = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+    (layer(torch.eye(8)) * G).sum().backward()
+    opt.step()
+    return sched, G.t(), sched.drop_fraction_at(1)
+
+
+def test_structured_rigl_drops_smallest_blocks_and_grows_largest_gradient_blocks():
+    layer = crafted_linear("block:4x1", nnz=48)        # 12 of the 32 blocks of 4 rows x 1 input
+    tiling = Tiling((16, 8), layer.pattern)
+    old = layer.mask.clone()
+    norms = tiling.tiles_of(layer.weight.detach().abs()).sum((1, 2))   # (32,) block L1 norms
+    active = tiling.tiles_of(old).all(2).all(1)
+    sched, dW, frac = rigl_update(layer)
+    k = round(round(frac * 48) / 4)
+    record = sched.step()
+    assert k > 0 and record["changed"] == {"": 4 * k}
+    dropped = active.nonzero().squeeze(1)[norms[active].argsort()[:k]]   # the k smallest active blocks
+    kept = active.clone()
+    kept[dropped] = False
+    grad_norms = tiling.tiles_of(dW.abs()).sum((1, 2)).masked_fill(kept, -1)
+    expected = kept.clone()
+    expected[grad_norms.argsort(descending=True)[:k]] = True
+    assert torch.equal(tiling.tiles_of(layer.mask).all(2).all(1), expected)
+    assert_structured(layer)
+    assert layer.nnz == 48
+
+
+def test_structured_rigl_keeps_n_per_group_growing_the_largest_gradients_in_each():
+    layer = crafted_linear("nm:2:4", nnz=64)
+    tiling = Tiling((16, 8), layer.pattern)
+    old = layer.mask.clone()
+    sched, dW, frac = rigl_update(layer)
+    k = round(frac * 64)
+    magnitude = layer.weight.detach().abs().masked_fill(~old, math.inf).reshape(-1)
+    kept = old.reshape(-1).clone()
+    kept[magnitude.argsort()[:k]] = False                        # the k smallest weights anywhere
+    kept = tiling.tiles_of(kept)
+    need = 2 - kept.sum(-1)                                      # (32, 1) lost by each group
+    score = tiling.tiles_of(dW.abs()).masked_fill(kept, -1)
+    rank = score.argsort(-1, descending=True).argsort(-1)
+    expected = kept | (rank < need[..., None])
+    sched.step()
+    assert torch.equal(tiling.tiles_of(layer.mask), expected)
+    assert need.sum() == k > 0 and layer.nnz == 64
+    assert_structured(layer)
+
+
+def test_structured_set_grows_random_empty_blocks():
+    pattern = Pattern.parse("block:4x1")
+    base = crafted_linear("block:4x1", nnz=48)
+    tiling = Tiling((16, 8), pattern)
+    always_empty = ~tiling.tiles_of(base.mask).all(2).all(1)
+    counts = torch.zeros(32)
+    for trial in range(150):
+        layer = crafted_linear("block:4x1", nnz=48)
+        sched = sp.SET(layer, None, total_steps=1000, update_every=1, end_fraction=1.0, seed=trial)
+        before = tiling.tiles_of(layer.mask).all(2).all(1)
+        sched.step()
+        after = tiling.tiles_of(layer.mask).all(2).all(1)
+        counts += (after & ~before).float()
+        assert_structured(layer)
+    observed = counts[always_empty]
+    assert observed.sum() > 0
+    assert chisquare(observed.numpy()).pvalue > 1e-3  # each empty block equally likely

@@ -7,6 +7,9 @@
              keeps the dense model's FLOPs). Layers whose ERK density would exceed 1 become dense and the
              rest is solved again, in closed form (FLOPs are linear in density).
 
+A layer with a sparsity pattern (`layer.pattern`, siftc.sparse.patterns) keeps it: ERK gives it whole
+blocks, an N:M layer keeps its N/M, and `apply` draws structured masks (siftc.sparse.structured).
+
     >>> nnz = distribute(model, "erk", example_inputs)     # {layer name: non-zeros}
     >>> apply(model, nnz, generator)                       # new random masks with those counts
 """
@@ -18,6 +21,8 @@ from torch import nn
 from siftc import flops
 from siftc.errors import UsageError
 from siftc.nn.sparse import SPARSE_LAYERS, random_mask
+from siftc.sparse import structured
+from siftc.sparse.patterns import UNSTRUCTURED, Pattern
 
 
 def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -40,8 +45,14 @@ def _erk_score(layer: nn.Module) -> float:
     return sum(dims) / prod
 
 
+def _pattern(layer: nn.Module) -> Pattern:
+    return getattr(layer, "pattern", None) or UNSTRUCTURED
+
+
 def erk(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
-    """ERK counts whose total FLOPs equal the current total of the sparse layers (within one weight)."""
+    """ERK counts whose total FLOPs equal the current total of the sparse layers (within one weight, or
+    one block of a layer with a block pattern). A layer with a pattern (`layer.pattern`) gets whole
+    blocks; an N:M layer keeps the count N/M fixes, and the others share what it leaves."""
     layers = sparse_layers(model)
     if not layers:
         return {}
@@ -50,22 +61,26 @@ def erk(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
     budget = sum(layer.nnz * pos[name] for name, layer in layers.items())  # MACs of one forward
     numel = {name: math.prod(layer.weight_shape) for name, layer in layers.items()}
     score = {name: _erk_score(layer) for name, layer in layers.items()}
+    unit = {name: _pattern(layer).unit for name, layer in layers.items()}
+    fixed = {name: n for name, layer in layers.items()
+             if (n := _pattern(layer).fixed_nnz(layer.weight_shape)) is not None}
     dense: set[str] = set()
     while True:
-        free = [n for n in layers if n not in dense]
-        left = budget - sum(numel[n] * pos[n] for n in dense)
+        free = [n for n in layers if n not in dense and n not in fixed]
+        left = budget - sum(numel[n] * pos[n] for n in dense) - sum(fixed[n] * pos[n] for n in fixed)
         denom = sum(score[n] * numel[n] * pos[n] for n in free)
         eps = left / denom if denom else 0.0
         over = [n for n in free if eps * score[n] > 1]
         if not over:
             break
         dense.add(max(over, key=lambda n: score[n]))  # cap the densest first, then solve again
-    counts = {n: numel[n] if n in dense else int(eps * score[n] * numel[n]) for n in layers}
-    # Rounding down leaves a few MACs of budget: give them back one weight at a time, to the layer that
-    # needs the fewest positions per weight first, while the total stays within budget.
+    counts = {n: fixed[n] if n in fixed else numel[n] if n in dense else
+              int(eps * score[n] * numel[n]) // unit[n] * unit[n] for n in layers}
+    # Rounding down leaves a few MACs of budget: give them back one weight (block) at a time, to the
+    # layer that needs the fewest positions per weight first, while the total stays within budget.
     spent = sum(counts[n] * pos[n] for n in layers)
-    for n in sorted((n for n in layers if n not in dense and pos[n] > 0), key=lambda n: pos[n]):
-        extra = min((budget - spent) // pos[n], numel[n] - counts[n])
+    for n in sorted((n for n in free if pos[n] > 0), key=lambda n: pos[n]):
+        extra = min((budget - spent) // (pos[n] * unit[n]), (numel[n] - counts[n]) // unit[n]) * unit[n]
         if extra > 0:
             counts[n] += extra
             spent += extra * pos[n]
@@ -89,16 +104,19 @@ def distribute(model: nn.Module, name: str, example_inputs=None) -> dict[str, in
 
 @torch.no_grad()
 def apply(model: nn.Module, counts: dict[str, int], generator: torch.Generator | None = None) -> None:
-    """Give every layer whose count changes a new random mask with that many non-zeros; a layer whose
-    count is unchanged keeps its mask. Weights that stay in the mask keep their values; newly active ones
-    are drawn the way PyTorch initialises the layer (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+    """Give every layer whose count changes a new random mask with that many non-zeros (with the
+    structure of its `layer.pattern`, if it has one); a layer whose count is unchanged keeps its mask.
+    Weights that stay in the mask keep their values; newly active ones are drawn the way PyTorch
+    initialises the layer (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
     for name, layer in sparse_layers(model).items():
         if counts[name] == layer.nnz:
             continue
-        shape = layer.weight_shape
-        mask = random_mask(shape, counts[name], generator)
+        shape, pattern = layer.weight_shape, _pattern(layer)
+        if pattern.structured:
+            _, kept = layer.set_positions(structured.random_positions(shape, pattern, counts[name], generator))
+        else:
+            _, kept = layer.set_mask(random_mask(shape, counts[name], generator))
         bound = 1 / math.sqrt(math.prod(shape[1:]))  # fan_in = in * kh * kw
         fresh = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        _, kept = layer.set_mask(mask)
         new = layer.positions.long()[~kept]
         layer.values[~kept] = fresh.reshape(-1)[new].to(layer.values.dtype)
