@@ -146,6 +146,39 @@ def test_hf_resume_from_a_checkpoint_continues_the_scheduler(tmp_path, converted
     assert logged == [2, 4]  # the checkpoint's record and the resumed run's
 
 
+class Sentences(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 128, (16,), generator=g),
+                "attention_mask": torch.ones(16, dtype=torch.long), "labels": i % 3}
+
+
+def test_hf_trains_a_converted_hf_model_built_from_a_config(tmp_path):
+    """A tiny BERT (random init from its config, nothing downloaded) converted Sparse Wide, returning
+    its ModelOutput, in the Trainer with RigL and gradient accumulation."""
+    from siftc.integrations.transformers import SparsityCallback
+
+    cfg = transformers.BertConfig(vocab_size=128, max_position_embeddings=32, num_hidden_layers=1, hidden_size=32,
+                                  num_attention_heads=2, intermediate_size=64, num_labels=3)
+    example = Sentences()[0]
+    batch = 2  # the example's batch: the converted graph serves the batch it was traced with
+    gm = siftc.convert(transformers.BertForSequenceClassification(cfg), "wide", 0.75,
+                       {k: example[k].expand(batch, -1) for k in ("input_ids", "attention_mask")})
+    sparsity, recorder = SparsityCallback("rigl", update_every=4), MaskRecorder()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=batch, gradient_accumulation_steps=2,
+        use_cpu=True, report_to=[], disable_tqdm=True, remove_unused_columns=False, save_strategy="no")
+    trainer = transformers.Trainer(model=gm, args=args, train_dataset=Sentences(), callbacks=[sparsity, recorder],
+                                   compute_loss_func=lambda out, labels, **kw: F.cross_entropy(out.logits, labels))
+    trainer.train()
+    assert sparsity.scheduler.t == STEPS and sparsity.scheduler.dense_grad_steps == 1
+    check_masks_by_step(recorder.seen, recorder.initial, updates=[4])
+    assert [r["step"] for r in trainer.state.log_history if "mask/changed" in r] == [4]
+
+
 def test_hf_refuses_a_dense_model_and_bad_settings(tmp_path):
     from siftc.integrations.transformers import SparsityCallback
 
