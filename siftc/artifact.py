@@ -1,7 +1,8 @@
 """A converted model on disk: a directory with
 
-    siftc.json   format tag, source (model spec + file hash: provenance), config, report, checksums of
-                 the other files, and `digest`, the sha256 of the rest of siftc.json (an edit is refused)
+    siftc.json   format tag, source (model spec + file hash: provenance), config, report, notes (what
+                 was stored other than as it was: an output class kept as a dict), checksums of the
+                 other files, and `digest`, the sha256 of the rest of siftc.json (an edit is refused)
     graph.json   the GraphModule as data: nodes (targets by qualified name) and the module tree
                  (classes with constructor arguments), siftc.graph_data; absent when the model needs
                  its source (`needs_source` in siftc.json says why)
@@ -62,11 +63,11 @@ def save(gm, out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
         raise UsageError("this model was not produced by siftc.convert; convert it first")
 
     try:
-        data, constants = graph_data.to_data(gm)
+        data, constants, notes = graph_data.to_data(gm)
         needs_source = None
-        _check_data(gm, data, constants)
+        _check_data(gm, data, constants, notes)
     except graph_data.NotData as e:
-        data, constants, needs_source = None, {}, str(e)
+        data, constants, notes, needs_source = None, {}, [], str(e)
 
     def fill(tmp: Path):
         torch.save({**pack_state(gm.state_dict()), **{CONSTANT + k: v for k, v in constants.items()}},
@@ -79,6 +80,7 @@ def save(gm, out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
             "version": VERSION,
             "source": info.source.to_json() if info.source else None,
             "needs_source": needs_source,
+            "notes": notes,
             "config": info.config.to_json(),
             "report": info.report,
             "sha256": {f: file_sha256(tmp / f) for f in ("weights.pt", "inputs.pt", GRAPH) if (tmp / f).exists()},
@@ -89,17 +91,23 @@ def save(gm, out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
     return write_dir(Path(out), force, fill, want=FORMAT, inputs=(*inputs, source))
 
 
-def _check_data(gm, data: dict, constants: dict):
-    """The model rebuilt from `data` has gm's state keys, shapes and module classes (NotData if not)."""
+def _check_data(gm, data: dict, constants: dict, notes: list):
+    """The model rebuilt from `data` has gm's state keys, shapes and module classes, and its input and
+    output structure (the same, or with a note, as plain containers) (NotData if not)."""
     try:
         new = graph_data.from_data(json.loads(json.dumps(data)), constants)
     except graph_data.Refused as e:
         raise graph_data.NotData(str(e)) from None
     mine, theirs = gm.state_dict(), new.state_dict()
-    classes = [(n, type(m)) for n, m in gm.named_modules()][1:] != [(n, type(m)) for n, m in new.named_modules()][1:]
+    classes = {n: type(m) for n, m in gm.named_modules() if n} != {n: type(m) for n, m in new.named_modules() if n}
     if classes or list(mine) != list(theirs) or any(mine[k].shape != theirs[k].shape for k in mine
                                                     if not k.endswith(("values", "positions"))):
         raise graph_data.NotData("the module tree rebuilt from its data differs from the model's")
+    old_cg, new_cg = gm.graph._codegen, new.graph._codegen
+    same = type(old_cg) is type(new_cg) and (notes or getattr(old_cg, "pytree_info", None) ==
+                                             getattr(new_cg, "pytree_info", None))
+    if not same or graph_data.codegen_data(new_cg, []) != data["codegen"]:
+        raise graph_data.NotData("the input and output structure rebuilt from its data differs from the model's")
 
 
 def meta_digest(meta: dict) -> str:

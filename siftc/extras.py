@@ -5,7 +5,7 @@ import importlib.util
 
 from siftc.errors import UsageError
 
-EXTRAS = {"matplotlib": "plot", "sklearn": "data", "deepsparse": "deepsparse"}
+EXTRAS = {"matplotlib": "plot", "sklearn": "data", "deepsparse": "deepsparse", "transformers": "transformers"}
 
 
 def available(module: str) -> bool:

@@ -17,12 +17,15 @@ and its children as further records (containers, and siftc's blocks, whose const
 layer); it is built with `cls.__new__` and nn.Module.__init__, so no constructor of its runs.
 `to_data` rebuilds every "args" module and checks it is the same (class, repr, state keys and shapes,
 plain attributes); what cannot be stored so raises NotData with the reason, and the artifact then
-needs its source (siftc.artifact).
+needs its source (siftc.artifact). A concrete trace's input guard is stored as its guards
+(siftc.guard_data), and a graph that takes or returns a structure (a HuggingFace ModelOutput) stores
+its code generator with the input and output structures (siftc.tree_data).
 
 Loading calls nothing outside ALLOWED: call_function targets from torch (its C functions and
 torch.functional), torch.nn.functional, operator, math, builtins.getattr of a public attribute, and
 siftc.nn's modules; call_method names of public torch.Tensor methods; module classes from
-torch.nn.modules and siftc.nn. Anything else is a one-line Refused naming it.
+torch.nn.modules and siftc.nn; output classes from transformers.modeling_outputs (tree_data). Anything
+else is a one-line Refused naming it.
 """
 import builtins
 import importlib
@@ -201,9 +204,12 @@ def _is_tree(cls: type) -> bool:
 
 
 def _module_record(name: str, m: nn.Module) -> dict:
+    from siftc import guard_data  # it reads this module's errors
     cls = type(m)
     if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._state_dict_hooks:
         raise NotData(f"module {name or '(root)'} has hooks, which are not stored as data")
+    if name and guard_data.is_guard(m):
+        return guard_data.to_data(name, m)
     if name and not _allowed_class(cls):
         raise NotData(f"module {name} is a {class_name(cls)}, which is not on the allow-list "
                       f"(torch.nn, siftc.nn)")
@@ -332,11 +338,12 @@ def _empty(spec: dict) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ graph
 
-def to_data(gm: fx.GraphModule) -> tuple[dict, dict]:
-    """(data, constants): the graph and module tree as JSON-able data, and the tensors the graph reads
-    with get_attr that are not in the state dict. NotData if some part cannot be stored as data."""
-    if type(gm.graph._codegen) is not fx.graph.CodeGen:
-        raise NotData(f"the graph uses {type(gm.graph._codegen).__name__} (pytree inputs or outputs)")
+def to_data(gm: fx.GraphModule) -> tuple[dict, dict, list]:
+    """(data, constants, notes): the graph and module tree as JSON-able data, the tensors the graph
+    reads with get_attr that are not in the state dict, and what was stored other than as it is (an
+    output class stored as a dict). NotData if some part cannot be stored as data."""
+    notes = []
+    codegen = codegen_data(gm.graph._codegen, notes)
     records, skip = [], ()
     for name, m in gm.named_modules(remove_duplicate=False):
         if skip and any(name.startswith(s + ".") for s in skip):
@@ -359,7 +366,38 @@ def to_data(gm: fx.GraphModule) -> tuple[dict, dict]:
         nodes.append({"op": node.op, "name": node.name, "target": target,
                       "args": encode(node.args), "kwargs": encode(node.kwargs)})
     return {"class_name": type(gm).__name__, "modules": records, "nodes": nodes,
-            "constants": sorted(constants)}, constants
+            "constants": sorted(constants), "codegen": codegen}, constants, notes
+
+
+def _codegens() -> dict:
+    from siftc.concrete_trace import _OutputTree
+    return {"output_tree": _OutputTree, "pytree": fx.graph._PyTreeCodeGen}
+
+
+def codegen_data(codegen, notes: list) -> dict | None:
+    """How the graph takes its inputs and returns its outputs: None for plain arguments and outputs,
+    else the pytree codegen's kind, argument names and input/output structures (siftc.tree_data)."""
+    from siftc import tree_data  # it reads this module's errors
+    if type(codegen) is fx.graph.CodeGen:
+        return None
+    kind = next((k for k, c in _codegens().items() if type(codegen) is c), None)
+    if kind is None:
+        raise NotData(f"the graph generates its code with {type(codegen).__name__}, which is not stored as data")
+    info = codegen.pytree_info
+    return {"kind": kind, "orig_args": list(info.orig_args),
+            "in_spec": tree_data.to_data(info.in_spec, notes), "out_spec": tree_data.to_data(info.out_spec, notes)}
+
+
+def _codegen(data):
+    from siftc import tree_data
+    if data is None:
+        return fx.graph.CodeGen()
+    if not isinstance(data, dict) or data.get("kind") not in _codegens() or not isinstance(data.get("orig_args"), list) \
+            or not all(isinstance(a, str) and a.isidentifier() for a in data["orig_args"]):
+        raise Refused(f"holds a code generator {str(data)[:80]} of no known form")
+    info = fx.graph._PyTreeInfo(list(data["orig_args"]), tree_data.from_data(data.get("in_spec")),
+                                tree_data.from_data(data.get("out_spec")))
+    return _codegens()[data["kind"]](info)
 
 
 def _attr(root, target: str):
@@ -385,7 +423,7 @@ def from_data(data: dict, constants: dict) -> fx.GraphModule:
         parent, _, atom = str(name).rpartition(".")
         if name != "" and (parent not in names or not atom.isidentifier() and not atom.isdigit()):
             raise Refused(f"has module {name!r} outside the module tree")
-        m = _build_tree(rec) if "args" not in rec else _build_args(_args_class(rec), {**rec["args"], **{k: v for k, v in EMPTY.items() if k in rec["args"]}})
+        m = _build(rec)
         if name == "":
             root = m
         else:
@@ -397,8 +435,18 @@ def from_data(data: dict, constants: dict) -> fx.GraphModule:
             raise Refused(f"reads constant {target!r}, which is not stored")
         setattr(root.get_submodule(owner) if owner else root, atom, constants[target])
     graph = _graph(data["nodes"], root, names, set(data.get("constants", [])))
+    graph._codegen = _codegen(data.get("codegen"))
     name = data.get("class_name", "GraphModule")
     return fx.GraphModule(root, graph, class_name=name if str(name).isidentifier() else "GraphModule")
+
+
+def _build(rec: dict) -> nn.Module:
+    from siftc import guard_data
+    if "guards" in rec and rec.get("name"):
+        return guard_data.from_data(rec)
+    if "args" not in rec:
+        return _build_tree(rec)
+    return _build_args(_args_class(rec), {**rec["args"], **{k: v for k, v in EMPTY.items() if k in rec["args"]}})
 
 
 def _args_class(rec: dict) -> type:

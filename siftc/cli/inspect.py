@@ -33,6 +33,8 @@ def print_report(report: dict):
     for r in report["layers"]:
         if r["kind"] in ("skipped", "dense") and r["reason"]:
             console.print(f"{r['kind']} {r['name']}: {r['reason']}")
+    for note in report.get("notes", ()):  # not iso-FLOP (kind sparse), pretrained weights kept or fresh
+        console.print(note, markup=False, highlight=False)
     if "groups" in report:
         _print_groups(console, report)
     _print_trace(console, report.get("trace"))
@@ -102,3 +104,5 @@ def print_provenance(meta: dict):
         click.echo(f"needs its model file to load (--trust-source): {meta['needs_source']}")
     else:
         click.echo("self-contained: loads without the model file (graph.json)")
+    for note in meta.get("notes") or ():
+        click.echo(f"note: {note}")
