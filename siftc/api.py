@@ -18,31 +18,42 @@ from siftc.bench.engine import ENGINES
 from siftc.config import ConvertConfig
 from siftc.convert import convert_module
 from siftc.errors import UsageError
-from siftc.source import load_model
+from siftc.source import check_model_args, load_model
 
 
-def convert(model: nn.Module | str, kind: str, sparsity: float, example_inputs: tuple | None = None, *,
+def convert(model: nn.Module | str, kind: str, sparsity: float | None, example_inputs: tuple | None = None, *,
             keep_dense=None, branch_act: str = "relu", seed: int = 0, round_to: int = 1,
-            strict: bool = False, widen_heads: bool = False, leaf=(), input_shape=None):
+            strict: bool = False, widen_heads: bool = False, leaf=(), input_shape=None, weights=None,
+            model_args: dict | None = None, mask_from: str = "magnitude", distribution: str = "uniform"):
     """Return a Sparse-IFT copy of `model` (an nn.Module, or a "model.py[:factory]" spec) with the
-    dense model's weight FLOPs. `example_inputs`: a tensor, a tuple of positional inputs, or a dict of
-    keyword inputs (`{"input_ids": ids}` for a HuggingFace model). `keep_dense`: None keeps the first
-    and last weight layer dense (the paper), a list of fnmatch patterns keeps those, [] keeps none.
-    `leaf`: fnmatch patterns of modules to keep opaque (a module that branches on tensor values)."""
+    dense model's weight FLOPs, or with kind="sparse" a same-shape sparse copy (not iso-FLOP).
+    `example_inputs`: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+    (`{"input_ids": ids}` for a HuggingFace model). `keep_dense`: None keeps the first and last weight
+    layer dense (the paper), a list of fnmatch patterns keeps those, [] keeps none. `leaf`: fnmatch
+    patterns of modules to keep opaque (a module that branches on tensor values). `weights`: a state
+    dict file (.pt, .safetensors) loaded into the dense model first; `model_args`: keyword arguments
+    for the spec's factory. kind="sparse": `mask_from` "magnitude" (prune the weights), "zeros" (their
+    own zeros; `sparsity` None takes it from them, a number is checked) or "random"; `distribution`
+    "uniform" or "erk"."""
     cfg = ConvertConfig(kind=kind, sparsity=sparsity, keep_dense=keep_dense, branch_act=branch_act,
-                        seed=seed, round_to=round_to, strict=strict, widen_heads=widen_heads, leaf=leaf)
+                        seed=seed, round_to=round_to, strict=strict, widen_heads=widen_heads, leaf=leaf,
+                        mask_from=mask_from, distribution=distribution)
     source = None
     if isinstance(model, str):
-        loaded = load_model(model, input_shape)
+        check_model_args(model_args or {})
+        loaded = load_model(model, input_shape, model_args=model_args)
         model, source = loaded.model, loaded.source
         example_inputs = example_inputs if example_inputs is not None else loaded.example_inputs
+    elif model_args:
+        raise UsageError("model_args are passed to a 'model.py:factory' spec's factory; for an nn.Module, "
+                         "build it with those arguments yourself")
     if not isinstance(model, nn.Module):
         raise UsageError(f"convert takes an nn.Module or a 'model.py[:factory]' string, not {type(model).__name__}")
     if example_inputs is None:
         raise UsageError("example_inputs is required to trace an in-memory model, e.g. (torch.randn(1, 64),)")
     if not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
-    return convert_module(model, example_inputs, cfg, source)
+    return convert_module(model, example_inputs, cfg, source, weights)
 
 
 def save(model, out, force: bool = False):

@@ -1,7 +1,9 @@
-"""convert: trace a dense model, run one Sparse-IFT pass, verify iso-FLOP, and report.
+"""convert: trace a dense model (its pretrained weights loaded first, if given), run one pass, verify its
+FLOPs (iso-FLOP for the Sparse-IFT kinds; the kept fraction for same-shape sparse), and report.
 
 The converted model is a torch.fx GraphModule carrying `siftc_info` (config, source, report, example
-inputs): everything `siftc.artifact.save` needs.
+inputs): everything `siftc.artifact.save` needs. The report says per layer whether it kept the dense
+model's values ("init": "kept") or was initialised fresh at a new shape ("fresh").
 """
 import copy
 from dataclasses import dataclass, field
@@ -9,12 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from siftc import flops
+from siftc import flops, pretrained
 from siftc.config import ConvertConfig
 from siftc.errors import UsageError
 from siftc.memory import check_fits
 from siftc.nn.attention import split_attention
 from siftc.passes import KINDS
+from siftc.passes.select import weight_layers
 from siftc.source import Source
 from siftc.trace import kept_whole, trace
 
@@ -31,10 +34,14 @@ class ConversionInfo:
 
 
 def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertConfig,
-                   source: Source | None = None) -> torch.fx.GraphModule:
-    """Convert a copy of `model` (the user's model is left untouched). The converted model takes the
-    example's inputs in the graph's placeholder order (also by name)."""
+                   source: Source | None = None, weights=None) -> torch.fx.GraphModule:
+    """Convert a copy of `model` (the user's model is left untouched), with the state dict in the file
+    `weights` loaded into it first. The converted model takes the example's inputs in the graph's
+    placeholder order (also by name)."""
+    state = pretrained.read_state(weights) if weights is not None else None  # bad files fail before any work
     model = copy.deepcopy(model)
+    if state is not None:
+        pretrained.load_into(model, state, weights)
     if not isinstance(model, torch.fx.GraphModule):  # a GraphModule is used as given
         # every supported nn.MultiheadAttention the trace enters as four Linear layers the kinds transform
         split_attention(model, keep=kept_whole(model, cfg.leaf))
@@ -43,6 +50,7 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
     gm, example_inputs = traced.gm, traced.inputs
     dense_params = sum(p.numel() for p in model.parameters())
     check_fits(gm, cfg)  # a conversion too large for this machine is refused here, not killed by the OS
+    dense_weights = pretrained.snapshot(gm, [name for name, _ in weight_layers(gm)])
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -55,12 +63,41 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
     report = build_report(gm, cfg, result.layers, dense, dense_params)
     report.update(result.report_entries())  # a pass's own report entries (wide: "groups")
     report["trace"] = trace_report(traced)
-    ratio = report["flop_ratio"]
-    if abs(ratio - 1) > FLOP_TOLERANCE:
-        raise RuntimeError(f"siftc bug: {cfg.kind} at sparsity {cfg.sparsity} gives {ratio:.4f}x the "
-                           f"dense FLOPs (allowed {FLOP_TOLERANCE:.1%}); please report it with the model")
+    _check_flops(report, result, cfg)
+    init = pretrained.origins(gm, dense_weights)
+    for r in report["layers"]:
+        if r["name"] in init:
+            r["init"] = init[r["name"]]
+    report["weights"] = pretrained.provenance(weights) if weights is not None else None
+    report["notes"] = _notes(report, result)
     gm.siftc_info = ConversionInfo(cfg, report, tuple(example_inputs), source)
     return gm
+
+
+def _check_flops(report: dict, result, cfg: ConvertConfig):
+    """A Sparse-IFT kind must cost the dense FLOPs; same-shape sparse what its layers' non-zeros add up
+    to. Both counted on the converted graph by `siftc.flops`, independently of the pass's records."""
+    want = report["dense_flops"] if result.iso_flop else \
+        report["dense_flops"] - sum(r.dense_flops - r.flops for r in result.layers)
+    ratio = report["flops"] / want if want else 1.0
+    if abs(ratio - 1) > FLOP_TOLERANCE:
+        raise RuntimeError(f"siftc bug: {cfg.kind} at sparsity {cfg.sparsity} gives {ratio:.4f}x the FLOPs "
+                           f"it should have ({'the dense model' if result.iso_flop else 'its layers summed'}; "
+                           f"allowed {FLOP_TOLERANCE:.1%}); please report it with the model")
+
+
+def _notes(report: dict, result) -> list[str]:
+    """Lines `siftc convert` and `siftc inspect` print under the table."""
+    notes = []
+    if not result.iso_flop:
+        notes.append(f"not iso-FLOP: every layer keeps its shape, so the model runs {report['flop_ratio']:.4f}x "
+                     f"the dense model's weight FLOPs (the kept fraction of its weights; a Sparse-IFT kind would "
+                     f"spend them all)")
+    if report["weights"] is not None:
+        w = report["weights"]
+        notes.append(f"weights: {w['file']} (sha256 {w['sha256'][:16]}...) loaded before converting")
+        notes.append(pretrained.summary(report["layers"], w))
+    return notes
 
 
 def build_report(gm, cfg: ConvertConfig, records, dense: flops.FlopCount,
@@ -70,7 +107,7 @@ def build_report(gm, cfg: ConvertConfig, records, dense: flops.FlopCount,
     fc = flops.count_transformed(gm, dense, extra_under=tuple(r.name for r in records))
     return {
         "kind": cfg.kind,
-        "sparsity": cfg.sparsity,
+        "sparsity": cfg.sparsity,  # a pass's entries may set it (sparse, --mask-from zeros: what they give)
         "config": cfg.to_json(),
         "dense_flops": dense.total,
         "flops": fc.total,

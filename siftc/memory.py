@@ -81,11 +81,15 @@ def estimate(gm, cfg) -> Estimate:
 def _layer(kind: str, m, sparsity: float, transform: bool) -> tuple[int, int]:
     """(bytes the layer that replaces `m` holds, bytes needed while its largest sparse part is built)."""
     item = next(m.parameters()).element_size()
-    k2 = solve.wide_k(sparsity) ** 2
+    k2 = solve.wide_k(sparsity or 0) ** 2
     if not transform:  # left as is (shared), or kept dense and widened by wide
         return (round(math.sqrt(k2) * layer_type(m).weight_count(m)) * item if kind == "wide" else 0), 0
     d_in, d_out = fan_in_out(m)
     bias = d_out * item if getattr(m, "bias", None) is not None else 0
+    if kind == "sparse":  # its own shape, (1 - s) of its weights kept (--mask-from zeros: at most all)
+        b = d_in * d_out
+        nnz = b - round((sparsity or 0) * b)
+        return nnz * (item + POSITION_BYTES) + bias, drawing_bytes(b, nnz)
     if kind == "wide":
         b = d_in * d_out  # its non-zeros, at most
         numel = round(k2 * b)  # its widened weight's entries, which its positions are drawn from

@@ -2,11 +2,13 @@
 
 A source is a `model.py[:factory]` / `pkg.module:factory` spec, an artifact directory, or a model
 returned by siftc.convert / siftc.load. Naming follows uvicorn: `path/to/model.py:build` or
-`pkg.module:build`, where `build` is a callable returning an nn.Module (or an nn.Module attribute).
+`pkg.module:build`, where `build` is a callable returning an nn.Module (or an nn.Module attribute),
+called with the keyword arguments of `--model-arg key=value` (`parse_model_args`).
 Without `:name` siftc takes the one obvious factory, or says what it found. Example inputs come from
 `example_inputs_<factory>()` or `example_inputs()` in the same file, or from an explicit shape
 (`--input-shape 1,3,224,224`). Importing a model file runs its code: that is the contract of naming one.
 """
+import ast
 import base64
 import contextlib
 import hashlib
@@ -37,9 +39,10 @@ class Source:
     spec: str                  # as the user wrote it, with the factory resolved: "examples/mlp.py:mlp"
     path: str | None = None    # absolute path of the file, when it is one
     sha256: str | None = None  # of that file, to notice edits after conversion
+    model_args: dict | None = None  # keyword arguments the factory was called with (--model-arg)
 
     def to_json(self):
-        return {"spec": self.spec, "path": self.path, "sha256": self.sha256}
+        return {"spec": self.spec, "path": self.path, "sha256": self.sha256, "model_args": self.model_args}
 
     @property
     def absolute(self) -> str:
@@ -230,9 +233,11 @@ def _candidates(module) -> list[str]:
     return funcs
 
 
-def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bool = True) -> LoadedModel:
+def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bool = True,
+               model_args: dict | None = None) -> LoadedModel:
     """Load `spec` ("model.py[:factory]" or "pkg.module:factory") into a model and example inputs
-    (none with inputs=False: an artifact brings its own)."""
+    (none with inputs=False: an artifact brings its own). `model_args`: keyword arguments for the
+    factory."""
     target, _, name = spec.partition(":") if not spec.startswith(":") else (spec, "", "")
     module, path = _import(target)
     if not name:
@@ -246,11 +251,15 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bo
         raise ModelLoadError(f"{target} has no attribute {name!r}; available: "
                              f"{', '.join(_candidates(module)) or 'no obvious factory'}")
     obj = getattr(module, name)
+    if isinstance(obj, nn.Module) and model_args:
+        raise UsageError(f"{target}:{name} is a model instance, which takes no --model-arg; name a factory "
+                         f"(a function or class returning an nn.Module)")
     if isinstance(obj, nn.Module):
         model = obj
     elif callable(obj):
+        _check_takes(obj, model_args or {}, f"{target}:{name}")
         try:
-            model = _as_script(obj, f"factory {target}:{name}", path,
+            model = _as_script(lambda: obj(**(model_args or {})), f"factory {target}:{name}", path,
                                "a factory returns an nn.Module; leave exiting to the script code")
         except ModelLoadError:
             raise
@@ -263,8 +272,25 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, inputs: bo
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"factory {target}:{name} returned a {type(model).__name__}, not an nn.Module")
     example = _example_inputs(module, name, target, input_shape) if inputs else ()
-    source = Source(f"{target}:{name}", str(path) if path else None, file_sha256(path) if path else None)
+    source = Source(f"{target}:{name}", str(path) if path else None, file_sha256(path) if path else None,
+                    dict(model_args) if model_args else None)
     return LoadedModel(model, example, source, {"type": "model", **source.to_json()})
+
+
+def _check_takes(factory, args: dict, where: str):
+    """Each of `args` names a parameter of `factory` (or it takes **kwargs)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in args:
+        if key not in named:
+            takes = f"it takes {', '.join(named)}" if named else "it takes no arguments"
+            raise UsageError(f"--model-arg {key}: factory {where} has no parameter {key!r} ({takes}); pass "
+                             f"what it takes, or name a factory that takes {key}")
 
 
 def _example_inputs(module, factory: str, target: str, input_shape) -> tuple | dict:
@@ -303,3 +329,47 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def parse_model_args(items) -> dict:
+    """['hidden=128', 'name=tiny', 'dims=(64, 32)'] -> {'hidden': 128, 'name': 'tiny', 'dims': (64, 32)}:
+    each value a Python literal (ast.literal_eval), else the text itself as a string."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise UsageError(f"--model-arg {item!r} is not key=value with a Python name as key; "
+                             f"e.g. --model-arg hidden=128")
+        if key in out:
+            raise UsageError(f"--model-arg {key} is given twice; pass each argument once")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = text  # a bare word: hidden_act=gelu
+        out[key] = value
+    check_model_args(out)
+    return out
+
+
+def check_model_args(args: dict):
+    """Model arguments are recorded in the artifact's JSON: only JSON-like values (a tuple becomes a list)."""
+    for key, value in args.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise UsageError(f"model argument {key!r} is not a Python name; pass keyword arguments")
+        bad = _unrecordable(value)
+        if bad is not None:
+            raise UsageError(f"model argument {key}={value!r}: {bad!r} cannot be recorded in the artifact; pass "
+                             f"numbers, strings, booleans, None, and lists or dicts (string keys) of them")
+
+
+def _unrecordable(v):
+    """The first value in `v` that JSON cannot hold (a set, bytes, inf, a non-string dict key), or None."""
+    if isinstance(v, float):
+        return None if math.isfinite(v) else v
+    if v is None or isinstance(v, (bool, int, str)):
+        return None
+    if isinstance(v, dict):
+        keys = [k for k in v if not isinstance(k, str)]
+        return keys[0] if keys else next((b for b in map(_unrecordable, v.values()) if b is not None), None)
+    if isinstance(v, (list, tuple)):
+        return next((b for b in map(_unrecordable, v) if b is not None), None)
+    return v

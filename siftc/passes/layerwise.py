@@ -49,10 +49,7 @@ def run(gm: torch.fx.GraphModule, cfg: "ConvertConfig", generator: torch.Generat
         dense, pos = choice.module, positions.get(choice.name, 0)
         dense_flops = flops.module_flops(dense, pos)
         if not choice.transform:
-            t = layer_type(dense)
-            records.append(LayerRecord(choice.name, "dense" if choice.kept_dense else "skipped",
-                                       t.dense_shape(dense), reason=choice.reason,
-                                       search_space=t.weight_count(dense), dense_flops=dense_flops, flops=dense_flops))
+            records.append(choice.left_as_is(dense_flops))
             continue
         shape = solve.SOLVERS[cfg.kind](*fan_in_out(dense), cfg.sparsity)
         degenerate = (cfg.kind == "parallel" and shape.structure == 1) or \

@@ -26,8 +26,10 @@ class PassResult:
     layers: list               # one LayerRecord per weight layer, in call order
     groups: list | None = None              # wide: the width groups, old and new widths, why fixed
     non_weight_flops: dict | None = None    # wide: norm and attention FLOPs, dense and widened
+    iso_flop: bool = True   # the pass keeps the dense model's FLOPs (sparse, same shape: it does not)
+    entries: dict = field(default_factory=dict)  # its other report entries (sparse: mask_from, ...)
 
     def report_entries(self) -> dict:
         """The entries this pass adds to the conversion report (only those it has)."""
-        return {k: v for k, v in (("groups", self.groups), ("non_weight_flops", self.non_weight_flops))
-                if v is not None}
+        return {**{k: v for k, v in (("groups", self.groups), ("non_weight_flops", self.non_weight_flops))
+                   if v is not None}, **self.entries}

@@ -7,6 +7,7 @@ from torch import nn
 
 from siftc.errors import UsageError
 from siftc.layers import layer_type
+from siftc.passes.record import LayerRecord
 
 
 @dataclass
@@ -17,6 +18,13 @@ class Choice:
     reason: str = ""
     unsupported: bool = False   # a layer type the kind cannot transform (an error with --strict)
     kept_dense: bool = False    # kept dense by the user's or the paper's choice, not for its type
+
+    def left_as_is(self, dense_flops: int) -> LayerRecord:
+        """The record of a layer a layer-wise pass does not transform: its FLOPs stay the dense ones."""
+        t = layer_type(self.module)
+        return LayerRecord(self.name, "dense" if self.kept_dense else "skipped", t.dense_shape(self.module),
+                           reason=self.reason, search_space=t.weight_count(self.module), dense_flops=dense_flops,
+                           flops=dense_flops)
 
 
 def weight_layers(gm: torch.fx.GraphModule) -> list[tuple[str, nn.Module]]:
