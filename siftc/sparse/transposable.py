@@ -7,7 +7,7 @@ greedy pass (cells by descending score, taken while their row and column have ro
 `fill` runs the greedy pass and then completes every tile exactly with augmenting paths (the flow's
 own repair step: add a cell in a short row, drop a cell it displaces in that column, add one in the
 dropped cell's row, ..., until a column that was short). Both run vectorised over all tiles at once:
-M^2 greedy steps, then at most (cells still missing per tile) rounds of a breadth-first search of
+at most M^2 greedy steps, then at most (cells still missing per tile) rounds of a breadth-first search of
 depth <= M.
 
     fill(score, allowed, need_rows, need_cols)  -> (T, M, M) bool, the cells to add
@@ -35,21 +35,28 @@ def fill(score: torch.Tensor, allowed: torch.Tensor, need_rows: torch.Tensor, ne
 
 
 def _greedy(score, allowed, need_rows, need_cols) -> torch.Tensor:
-    """Take cells by descending score while their row and column still need one (updates the needs)."""
+    """Take cells by descending score while their row and column still need one (updates the needs).
+    Every M steps the tiles that need nothing more leave the loop."""
     t, m, _ = score.shape
     order = score.masked_fill(~allowed, -math.inf).reshape(t, m * m).argsort(dim=1, descending=True, stable=True)
     base = torch.arange(t)[None, :] * m
-    rows = (order // m).t() + base                      # (M*M, T): flat index of each step's row
-    cols = (order % m).t() + base
-    ok = allowed.reshape(t, m * m).gather(1, order).t().contiguous()  # (M*M, T)
-    need_r, need_c = need_rows.view(-1), need_cols.view(-1)
+    rows = ((order // m).t() + base).contiguous()       # (M*M, T): step j's cell's row, flat in need_rows
+    cols = ((order % m).t() + base).contiguous()
+    ok = allowed.reshape(t, m * m).gather(1, order).t().contiguous()
+    need_r, need_c = need_rows.view(-1), need_cols.view(-1)   # views: the updates reach the caller
     taken = torch.zeros(m * m, t, dtype=torch.bool)
+    live = (need_rows.sum(1) > 0).nonzero().squeeze(1)  # tiles still in the loop
     for j in range(m * m):
-        r, c = rows[j], cols[j]
-        take = ok[j] & (need_r[r] > 0) & (need_c[c] > 0)
-        taken[j] = take
-        need_r.index_add_(0, r, -take.long())
-        need_c.index_add_(0, c, -take.long())
+        if j % m == 0:
+            live = live[need_rows.index_select(0, live).sum(1) > 0]
+            if live.numel() == 0:
+                break
+        # index_select / index_add_, not x[idx]: these are ~5x faster for the many small steps
+        r, c = rows[j].index_select(0, live), cols[j].index_select(0, live)
+        take = ok[j].index_select(0, live) & (need_r.index_select(0, r) > 0) & (need_c.index_select(0, c) > 0)
+        taken[j].index_copy_(0, live, take)
+        need_r.index_add_(0, r, take.long(), alpha=-1)
+        need_c.index_add_(0, c, take.long(), alpha=-1)
     return torch.zeros(t, m * m, dtype=torch.bool).scatter_(1, order, taken.t()).view(t, m, m)
 
 
@@ -84,19 +91,29 @@ def _search(chosen, allowed, short_rows, short_cols):
     for _ in range(m):
         reach = frontier[:, :, None] & free & ~col_seen[:, None, :]      # (T, rows, cols)
         new_cols = reach.any(1) & (end < 0)[:, None]                     # (T, cols)
-        col_parent = torch.where(new_cols, reach.to(torch.uint8).argmax(1), col_parent)
+        col_parent = torch.where(new_cols, _first(reach, 1), col_parent)
         col_seen |= new_cols
         hit = new_cols & short_cols
         found = hit.any(1) & (end < 0)
-        end = torch.where(found, hit.to(torch.uint8).argmax(1), end)
+        end = torch.where(found, _first(hit, 1), end)
         back = new_cols[:, None, :] & chosen & ~row_seen[:, :, None]     # (T, rows, cols)
         new_rows = back.any(2) & (end < 0)[:, None]                      # (T, rows)
-        row_parent = torch.where(new_rows, back.to(torch.uint8).argmax(2), row_parent)
+        row_parent = torch.where(new_rows, _first(back, 2), row_parent)
         row_seen |= new_rows
         frontier = new_rows
         if not frontier.any():
             break
     return end, col_parent, row_parent
+
+
+def _first(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Index of the first True along `dim` (M if none): the largest of (M - index) over True entries,
+    an integer max, which is several times faster than argmax over bools."""
+    m = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = m
+    weight = torch.arange(m, 0, -1, dtype=torch.uint8).view(shape)     # M, M-1, ..., 1
+    return m - (x.to(torch.uint8) * weight).amax(dim).long()
 
 
 def _flip_paths(chosen, end, col_parent, row_parent, short_rows) -> torch.Tensor:
