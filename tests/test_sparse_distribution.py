@@ -1,4 +1,6 @@
 """Mask distributions: uniform keeps the conversion's counts, ERK keeps the total FLOPs."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +88,23 @@ def test_erk_and_apply_keep_layer_patterns():
         assert layer.nnz == counts[name]
         assert check_structure(layer.positions, layer.weight_shape, layer.pattern) is None
         assert layer.values.count_nonzero() == layer.nnz            # new weights drawn, not zero
+
+
+@pytest.mark.parametrize("make, text, want, nnz, reason", [
+    (lambda: SparseLinear(32, 24, nnz=100), "block:16x1", "block:8x1", 104, "out=24 is not a multiple of 16"),
+    (lambda: SparseConv2d(8, 16, 3, nnz=300), "block:4x4", "block:4x4", 304, None),       # 18.75 blocks -> 19
+    (lambda: SparseConv2d(3, 16, 3, nnz=100), "nm:2:4", "unstructured", 100, "in=3 is not a multiple of 4"),
+    (lambda: SparseLinear(32, 12, nnz=100), "nm:4:8:t", "nm:2:4:t", 192, "out=12 is not a multiple of 8"),
+])
+def test_impose_pattern_fits_rounds_to_whole_blocks_and_draws(make, text, want, nnz, reason):
+    from siftc.sparse.distribution import impose_pattern
+    from siftc.sparse.patterns import Pattern, check_structure
+    layer = make()
+    fitted = impose_pattern(layer, Pattern.parse(text), generator=torch.Generator().manual_seed(0))
+    assert str(fitted.pattern) == want and layer.pattern == fitted.pattern
+    assert fitted.reason is None if reason is None else reason in fitted.reason
+    assert layer.nnz == nnz
+    assert check_structure(layer.positions, layer.weight_shape, layer.pattern) is None
+    bound = 1 / math.sqrt(math.prod(layer.weight_shape[1:]))
+    assert layer.values.abs().max() <= bound and layer.values.count_nonzero() == nnz  # drawn like the init
+    assert layer(torch.randn(2, *([32] if isinstance(layer, SparseLinear) else [layer.in_channels, 5, 5]))).isfinite().all()

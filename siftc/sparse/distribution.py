@@ -12,17 +12,18 @@ blocks, an N:M layer keeps its N/M, and `apply` draws structured masks (siftc.sp
 
     >>> nnz = distribute(model, "erk", example_inputs)     # {layer name: non-zeros}
     >>> apply(model, nnz, generator)                       # new random masks with those counts
+    >>> impose_pattern(layer, Pattern.parse("block:4x1"), nnz, generator)   # a layer's pattern, fitted
 """
 import math
 
 import torch
 from torch import nn
 
-from siftc import flops
+from siftc import flops, solve
 from siftc.errors import UsageError
 from siftc.nn.sparse import SPARSE_LAYERS, random_mask
 from siftc.sparse import structured
-from siftc.sparse.patterns import UNSTRUCTURED, Pattern
+from siftc.sparse.patterns import UNSTRUCTURED, Fitted, Pattern, fit
 
 
 def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -109,14 +110,42 @@ def apply(model: nn.Module, counts: dict[str, int], generator: torch.Generator |
     Weights that stay in the mask keep their values; newly active ones are drawn the way PyTorch
     initialises the layer (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
     for name, layer in sparse_layers(model).items():
-        if counts[name] == layer.nnz:
-            continue
-        shape, pattern = layer.weight_shape, _pattern(layer)
-        if pattern.structured:
-            _, kept = layer.set_positions(structured.random_positions(shape, pattern, counts[name], generator))
-        else:
-            _, kept = layer.set_mask(random_mask(shape, counts[name], generator))
-        bound = 1 / math.sqrt(math.prod(shape[1:]))  # fan_in = in * kh * kw
-        fresh = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        new = layer.positions.long()[~kept]
-        layer.values[~kept] = fresh.reshape(-1)[new].to(layer.values.dtype)
+        if counts[name] != layer.nnz:
+            reposition(layer, _random_positions(layer, counts[name], generator), generator)
+
+
+def _random_positions(layer: nn.Module, nnz: int, generator) -> torch.Tensor:
+    pattern = _pattern(layer)
+    if pattern.structured:
+        return structured.random_positions(layer.weight_shape, pattern, nnz, generator)
+    return random_mask(layer.weight_shape, nnz, generator).reshape(-1).nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def reposition(layer: nn.Module, positions: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Move `layer`'s non-zeros to `positions` (flat, ascending): weights that stay keep their values,
+    new ones are drawn the way PyTorch initialises the layer (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+    shape = layer.weight_shape
+    bound = 1 / math.sqrt(math.prod(shape[1:]))  # fan_in = in * kh * kw
+    fresh = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+    _, kept = layer.set_positions(positions)
+    new = layer.positions.long()[~kept]
+    layer.values[~kept] = fresh.reshape(-1)[new].to(layer.values.dtype)
+
+
+@torch.no_grad()
+def impose_pattern(layer: nn.Module, pattern: Pattern | None, nnz: int | None = None,
+                   generator: torch.Generator | None = None) -> Fitted:
+    """Give a sparse layer `pattern`, or the best of its fallbacks that fits the layer's shape
+    (siftc.sparse.patterns.fit): sets `layer.pattern`, rounds `nnz` (default: the layer's count) to
+    whole blocks (N:M: its fixed N/M count instead), and draws random positions with that structure
+    (values as `reposition`). Returns what the layer got and why, for the report."""
+    fitted = fit(pattern, layer.weight_shape)
+    numel = math.prod(layer.weight_shape)
+    want = layer.nnz if nnz is None else nnz
+    count = fitted.pattern.fixed_nnz(layer.weight_shape)
+    if count is None:
+        count = solve.whole_blocks(want, fitted.pattern.unit, numel)
+    layer.pattern = fitted.pattern
+    reposition(layer, structured.random_positions(layer.weight_shape, fitted.pattern, count, generator), generator)
+    return fitted
