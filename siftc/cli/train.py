@@ -135,9 +135,13 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
     """
     from siftc.artifact import trusting
     from siftc.errors import UsageError
+    from siftc.train.distributed import LeadStopped, launched, nproc_with_launcher
     from siftc.train.loop import Interrupted, resume as resume_run, train as run_training
 
     progress = Warnings() if quiet else RichProgress() if sys.stdout.isatty() else PlainProgress()
+    group = launched()
+    if group is not None and ctx.get_parameter_source("nproc") == ParameterSource.COMMANDLINE:
+        raise nproc_with_launcher(group.world)
     if resume:
         given = [name for name in ("artifact", "data", "output", "force", *options)
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
@@ -155,9 +159,13 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
             summary = (resume_run(resume, progress) if resume  # with the settings the run was started with
                        else run_training(cfg, progress, force=force))
     except Interrupted as e:  # Ctrl-C or SIGTERM: checkpointed; its last line is the resume command
-        click.echo(f"siftc: stopped by {e}", err=True)
+        if e.lead:  # under a launcher every rank stops; rank 0 says so
+            click.echo(f"siftc: stopped by {e}", err=True)
         ctx.exit(e.code)
-    _print_summary(summary, resume or output)
+    except LeadStopped:  # another rank could not start and said why
+        ctx.exit(2)
+    if summary is not None:  # None on ranks other than 0 of a launched run
+        _print_summary(summary, resume or output)
 
 
 def _print_summary(s: dict, run: str):

@@ -11,10 +11,14 @@ summary.json.
 SIGINT and SIGTERM stop a run between steps: the step in progress finishes, a checkpoint is written at
 it, and `Interrupted` is raised (its message ends with the `siftc train --resume RUN` line; `.code` is
 130 or 143, the shell's status for the signal). With --nproc, the launching process passes the signal
-on to its workers, and every rank learns of it through a flag all-reduced after each step, so all of
-them stop at the same step.
+on to its workers (torchrun does the same for its own), and every rank learns of it through a flag
+all-reduced after each step, so all of them stop at the same step; rank 0 alone writes the checkpoint.
+
+Under a launcher (torchrun; siftc.train.distributed) `train` and `resume` are called on every rank; rank 0
+claims RUN/ and the others receive what they need from it.
 """
 import collections
+import functools
 import json
 import math
 import multiprocessing
@@ -25,7 +29,9 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,6 +48,7 @@ from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_d
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
+from siftc.train.distributed import launched
 from siftc.train.flops import training_flops
 from siftc.train.schedule import lr_scheduler, param_groups
 
@@ -51,7 +58,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a cluster's preemp
 
 class Interrupted(SiftcError):
     """A signal stopped the run after a step; the checkpoint holds that step. The message starts with
-    the signal's name and ends with the command that resumes the run."""
+    the signal's name and ends with the command that resumes the run. Every rank raises it; `lead`
+    says whether this is rank 0, the one that tells the user."""
+
+    def __init__(self, message: str, lead: bool = True):
+        super().__init__(message)
+        self.lead = lead
 
     @property
     def code(self) -> int:
@@ -111,9 +123,9 @@ def _check_batch_norm(model, data, cfg: TrainConfig):
                          f"{2 * cfg.nproc} or more")
 
 
-def start(cfg: TrainConfig, force: bool = False) -> dict:
+def start(cfg: TrainConfig, force: bool = False, digests: tuple[str, str] | None = None) -> dict:
     """Fill RUN/ (new, or a run being replaced; `train` has checked and locked it) with a new run.json,
-    after removing what an earlier run left there."""
+    after removing what an earlier run left there. `digests`: input_digests(cfg), if known."""
     out = Path(cfg.out)
     with os_errors(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -124,9 +136,14 @@ def start(cfg: TrainConfig, force: bool = False) -> dict:
             model.unlink()
         elif model.is_dir():
             shutil.rmtree(check_output(model, True, want=ARTIFACT))
+    return checkpoint.write_run(out, cfg.to_json(), *(digests or input_digests(cfg)))
+
+
+def input_digests(cfg: TrainConfig) -> tuple[str, str]:
+    """(artifact, data) digests, as run.json records them."""
     with os_errors(cfg.data, "read"):
         data_sha = file_sha256(cfg.data)
-    return checkpoint.write_run(out, cfg.to_json(), checkpoint.artifact_digest(cfg.artifact), data_sha)
+    return checkpoint.artifact_digest(cfg.artifact), data_sha
 
 
 def check_resumable(run) -> tuple[TrainConfig, dict]:
@@ -142,9 +159,38 @@ def check_resumable(run) -> tuple[TrainConfig, dict]:
     return cfg, info
 
 
-def train(cfg: TrainConfig, progress=None, force: bool = False) -> dict:
-    """Train in this process (cfg.nproc == 1) or in cfg.nproc processes. Returns the run's summary.
-    RUN/ is locked while this runs: a second run into it, or a resume of it, is refused."""
+def train(cfg: TrainConfig, progress=None, force: bool = False) -> dict | None:
+    """Train in this process (cfg.nproc == 1), in cfg.nproc processes, or, when a launcher (torchrun)
+    set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, as this process's rank of the launcher's group
+    (siftc.train.distributed). Returns the run's summary (None on ranks other than 0). RUN/ is locked
+    while this runs: a second run into it, or a resume of it, is refused."""
+    group = launched()
+    if group is not None:
+        cfg = group.config(cfg)  # nproc: the launcher's world size
+    return _execute(group, functools.partial(_new_run, cfg, force), progress, given=cfg)
+
+
+def resume(run, progress=None) -> dict | None:
+    """Continue RUN/ from its last checkpoint with the settings it was started with, after checking
+    (once) that its artifact and data are unchanged. Returns the run's summary; RUN/ is locked meanwhile.
+
+        >>> resume("runs/mlp")  # after an interruption
+    """
+    return _execute(launched(), functools.partial(_continued_run, run), progress)
+
+
+@dataclass
+class _Claim:
+    """A run this process holds (RUN/ locked, inputs checked and loaded) before it writes anything."""
+    cfg: TrainConfig
+    prepared: tuple               # (model, data), from prepare()
+    state: dict | None            # the checkpoint the run continues from
+    digests: tuple[str, str]      # the artifact's and the data's, as run.json records them
+    begin: Callable[[], dict]     # writes what the run starts with; returns run.json's contents
+
+
+@contextmanager
+def _new_run(cfg: TrainConfig, force: bool):
     out = Path(cfg.out)
     check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))  # before the (slow) loading
     prepared = prepare(cfg)
@@ -152,16 +198,12 @@ def train(cfg: TrainConfig, progress=None, force: bool = False) -> dict:
     with os_errors(out):
         out.mkdir(parents=True, exist_ok=True)  # to hold the lock; start() fills it
     with run_lock(out):
-        info = start(cfg, force)
-        return _go(cfg, info["run_id"], progress, prepared)
+        digests = input_digests(cfg)
+        yield _Claim(cfg, prepared, None, digests, lambda: start(cfg, force, digests))
 
 
-def resume(run, progress=None) -> dict:
-    """Continue RUN/ from its last checkpoint with the settings it was started with, after checking
-    (once) that its artifact and data are unchanged. Returns the run's summary; RUN/ is locked meanwhile.
-
-        >>> resume("runs/mlp")  # after an interruption
-    """
+@contextmanager
+def _continued_run(run):
     out = Path(run)
     checkpoint.read_run(out)  # a file or a stranger's directory is refused before the lock is made
     with run_lock(out):
@@ -170,31 +212,38 @@ def resume(run, progress=None) -> dict:
         state = checkpoint.load(out, info["run_id"])  # a checkpoint from elsewhere fails here, in one
         if state is not None:                          # line, not inside N worker processes
             _fits(prepared[0], state, out)
-        return _go(cfg, info["run_id"], progress, prepared)
+        yield _Claim(cfg, prepared, state, (info["artifact_sha"], info["data_sha"]), lambda: info)
 
 
-def _go(cfg: TrainConfig, run_id: str, progress, prepared) -> dict:
-    """Run in this process or launch cfg.nproc of them; the summary they wrote."""
-    if cfg.nproc > 1:
-        from siftc.train.distributed import launch
-        with _on_stop_signals(_pass_to_workers):  # each worker checkpoints and raises Interrupted
-            launch(cfg, run_id, progress)
-    else:
-        run(cfg, run_id, progress, prepared=prepared)
-    return json.loads((Path(cfg.out) / "summary.json").read_text())
+def _execute(group, claim, progress, given: TrainConfig | None = None) -> dict | None:
+    """Claim the run and train it: in this process, in cfg.nproc spawned ones, or as one rank of a
+    launcher's `group`. The summary the run wrote."""
+    if group is not None:
+        from siftc.train.distributed import run_launched
+        return run_launched(group, claim, progress, given)
+    with claim() as c:
+        run_id = c.begin()["run_id"]
+        if c.cfg.nproc > 1:
+            from siftc.train.distributed import launch
+            with _on_stop_signals(_pass_to_workers):  # each worker checkpoints and raises Interrupted
+                launch(c.cfg, run_id, progress)
+        else:
+            run(c.cfg, run_id, progress, prepared=c.prepared, state=c.state)
+    return json.loads((Path(c.cfg.out) / "summary.json").read_text())
 
 
-def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1, prepared=None) -> None:
-    """One process's share of the run (all of it when world == 1)."""
+def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int = 1, prepared=None,
+        state: dict | None = None) -> None:
+    """One process's share of the run (all of it when world == 1), from the checkpoint `state` (None:
+    from step 0). Only rank 0 writes RUN/."""
     out = Path(cfg.out)
     lead = rank == 0
-    if cfg.threads and world == 1:
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, data = prepared or prepare(cfg)
     x0 = model.siftc_info.example_inputs
     steps = total_steps(cfg, data)
     eval_every = cfg.eval_every or max(1, steps // 10)
-    state = checkpoint.load(out, run_id)
     if state is None:  # a fresh start: same masks and init on every rank, from the seed
         apply(model, distribute(model, cfg.distribution, x0), torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(cfg.seed)
@@ -209,7 +258,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
         _restore(model, optimizer, sched, lr_sched, state, rank, out)
         step0, metrics_at, elapsed0 = state["step"], state["metrics_offset"], state["elapsed"]
     flop = training_flops(model, x0, cfg.batch_size, steps, sched, model.siftc_info.report["dense_flops"])
-    net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
     log = _Metrics(out / "metrics.jsonl", metrics_at) if lead else None
     emit = progress if (lead and progress is not None) else (lambda event: None)
     warnings = [w for w in (_no_mask_updates(cfg, sched),) if w]
@@ -259,10 +308,12 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
                             lead)
                 kept = done
             if stop:
+                if world > 1:  # no rank leaves before rank 0 has the checkpoint on disk: a launcher
+                    dist.barrier()  # stops the others as soon as one rank's process ends
                 emit({"event": "interrupted", "step": done})
                 raise Interrupted(f"{signal.Signals(stop).name} at step {done} of {steps}: "
-                                  f"{out / 'checkpoint.pt'} holds it; continue with\n"
-                                  f"siftc train --resume {shlex.quote(str(out))}")
+                                  f"{out / 'checkpoint.pt'} holds it; {_how_to_resume(out, world)}",
+                                  lead=lead)
     if world > 1:
         _check_ranks_agree(model)
     if lead:
@@ -284,6 +335,15 @@ def _on_stop_signals(handler):
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def _how_to_resume(out: Path, world: int) -> str:
+    """Ends with the command line that resumes RUN/; without a launcher it spawns --nproc processes."""
+    command = f"siftc train --resume {shlex.quote(str(out))}"
+    if launched() is None:
+        return f"continue with\n{command}"
+    return (f"continue under the launcher (torchrun ... -m {command}), or on one machine ({world} "
+            f"process{'es' * (world > 1)}) with\n{command}")
 
 
 def _pass_to_workers(signum: int):
