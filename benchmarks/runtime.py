@@ -124,13 +124,17 @@ def measure_row(name, base, dense, sparse, x, reps, csr):
     return row
 
 
+def wide_linear(s, base=2048) -> tuple[int, int]:
+    """(width, nnz) of the iso-FLOP Sparse Wide Linear for a dense base x base layer at sparsity s."""
+    return round(base * math.sqrt(1 / (1 - s))), base * base
+
+
 def linear_rows(sparsities, batch, reps):
     base = 2048
     rows = []
     for wide in (False, True):
         for s in sparsities:
-            width = round(base * math.sqrt(1 / (1 - s))) if wide else base
-            nnz = base * base if wide else round(base * base * (1 - s))
+            width, nnz = wide_linear(s, base) if wide else (base, round(base * base * (1 - s)))
             torch.manual_seed(0)
             rows.append(measure_row(f"{'Wide ' if wide else ''}Linear {width} s={s}",
                                     (nn.Linear(base, base), torch.randn(batch, base)), nn.Linear(width, width),
