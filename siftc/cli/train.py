@@ -24,6 +24,8 @@ class Warnings:
     def __call__(self, event):
         if event["event"] == "warning":
             click.echo(f"siftc: warning: {event['message']}", err=True)
+        elif event["event"] == "note":  # e.g. how an extended run's schedules were re-planned
+            click.echo(f"siftc: {event['message']}", err=True)
         else:
             self.show(event)
 
@@ -119,7 +121,9 @@ class PlainProgress(Warnings):
 @click.option("--threads", type=int, default=None,
               help="Intra-op threads per process. [default: torch's, cores / nproc with --nproc]")
 @click.option("--resume", type=click.Path(), default=None, metavar="RUN",
-              help="Continue RUN/ from its last checkpoint, with the settings it was started with.")
+              help="Continue RUN/ from its last checkpoint, with the settings it was started with; with "
+                   "--steps M, train on to step M, a finished run too, the LR schedule and mask updates "
+                   "re-planned for M steps: siftc train --resume runs/mlp --steps 4000.")
 @click.option("--force", is_flag=True, help="Replace the run directory if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @trust_source_option
@@ -144,10 +148,10 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
         raise nproc_with_launcher(group.world)
     if resume:
         given = [name for name in ("artifact", "data", "output", "force", *options)
-                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+                 if name != "steps" and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
         if given:
-            raise UsageError(f"--resume takes every setting from {resume}/run.json; drop "
-                             f"{', '.join(given)}")
+            raise UsageError(f"--resume takes every setting from {resume}/run.json (but --steps, to train "
+                             f"on to another step); drop {', '.join(given)}")
     else:
         missing = [flag for flag, v in (("ARTIFACT", artifact), ("--data", data), ("-o", output)) if not v]
         if missing:
@@ -156,7 +160,7 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
         cfg = TrainConfig(artifact=artifact, data=data, out=output, **options)
     try:
         with trusting(trust_source):  # --trust-source: the artifact may import its model file
-            summary = (resume_run(resume, progress) if resume  # with the settings the run was started with
+            summary = (resume_run(resume, progress, steps=options["steps"]) if resume  # run.json's settings
                        else run_training(cfg, progress, force=force))
     except Interrupted as e:  # Ctrl-C or SIGTERM: checkpointed; its last line is the resume command
         if e.lead:  # under a launcher every rank stops; rank 0 says so

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -170,13 +170,15 @@ def train(cfg: TrainConfig, progress=None, force: bool = False) -> dict | None:
     return _execute(group, functools.partial(_new_run, cfg, force), progress, given=cfg)
 
 
-def resume(run, progress=None) -> dict | None:
+def resume(run, progress=None, steps: int | None = None) -> dict | None:
     """Continue RUN/ from its last checkpoint with the settings it was started with, after checking
     (once) that its artifact and data are unchanged. Returns the run's summary; RUN/ is locked meanwhile.
+    `steps`: train to this step instead, a finished run too (see `extend`).
 
         >>> resume("runs/mlp")  # after an interruption
+        >>> resume("runs/mlp", steps=4000)  # on from the 2000 steps it was started with
     """
-    return _execute(launched(), functools.partial(_continued_run, run), progress)
+    return _execute(launched(), functools.partial(_continued_run, run, steps), progress)
 
 
 @dataclass
@@ -203,7 +205,7 @@ def _new_run(cfg: TrainConfig, force: bool):
 
 
 @contextmanager
-def _continued_run(run):
+def _continued_run(run, steps: int | None = None):
     out = Path(run)
     checkpoint.read_run(out)  # a file or a stranger's directory is refused before the lock is made
     with run_lock(out):
@@ -212,7 +214,53 @@ def _continued_run(run):
         state = checkpoint.load(out, info["run_id"])  # a checkpoint from elsewhere fails here, in one
         if state is not None:                          # line, not inside N worker processes
             _fits(prepared[0], state, out)
-        yield _Claim(cfg, prepared, state, (info["artifact_sha"], info["data_sha"]), lambda: info)
+        begin = lambda: info  # noqa: E731 (run.json as it is)
+        if steps is not None and steps != total_steps(cfg, prepared[1]):
+            cfg, info = extend(cfg, info, state["step"] if state else 0, total_steps(cfg, prepared[1]), steps)
+            begin = functools.partial(_begin_extended, out, info)
+        yield _Claim(cfg, prepared, state, (info["artifact_sha"], info["data_sha"]), begin)
+
+
+def extend(cfg: TrainConfig, info: dict, done: int, planned: int, steps: int) -> tuple[TrainConfig, dict]:
+    """The settings and run.json of a run of `planned` steps, `done` of them trained, that is to train
+    to `steps` instead (`--resume RUN --steps M`, a finished run included). Its schedules are re-planned
+    for `steps`: from step `done` on, the LR and the mask updates are what a run started with --steps
+    `steps` has there (a cosine LR stretched over the new total, RigL/SET updating until end_fraction of
+    it), so a longer run trains at an LR that is not already 0, and its masks keep moving. Each extension
+    is listed under run.json's "extended" with the line that says so."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps={steps!r} must be a positive integer")
+    if steps < done:
+        raise UsageError(f"--steps {steps} is fewer than the {done} steps {cfg.out} has done; pass --steps "
+                         f"{done} or more")
+    new = replace(cfg, steps=steps, epochs=None)
+    record = {"at_step": done, "from_steps": planned, "to_steps": steps, "note": _replanned(new, done, planned)}
+    return new, {**info, "config": {**info["config"], "steps": steps, "epochs": None},
+                 "extended": [*info.get("extended", []), record]}
+
+
+def _replanned(cfg: TrainConfig, done: int, planned: int) -> str:
+    """'extended from 20 to 40 steps at step 20: the cosine LR schedule (warmup 4) and rigl's mask
+    updates (every 5 until step 30) are re-planned for 40 steps, as if ...'"""
+    parts = []
+    if cfg.lr_schedule != "constant" or cfg.warmup_steps:
+        warmup = f" (warmup {cfg.warmup_steps})" if cfg.warmup_steps else ""
+        parts.append(f"the {cfg.lr_schedule} LR schedule{warmup}")
+    if METHODS[cfg.method].updates_masks:
+        end = int(cfg.end_fraction * cfg.steps)
+        parts.append(f"{cfg.method}'s mask updates (every {cfg.update_every} until step {end})")
+    what = (f"{' and '.join(parts)} {'are' if len(parts) > 1 else 'is'} re-planned for {cfg.steps} steps, as "
+            f"if the run had been started with --steps {cfg.steps}" if parts
+            else "the LR stays constant and the masks static")
+    return f"extended from {planned} to {cfg.steps} steps at step {done}: {what}"
+
+
+def _begin_extended(out: Path, info: dict) -> dict:
+    """run.json with the new total; the finished run's summary.json goes (the run is unfinished again)."""
+    write_json(out / "run.json", info)
+    with os_errors(out):
+        (out / "summary.json").unlink(missing_ok=True)
+    return info
 
 
 def _execute(group, claim, progress, given: TrainConfig | None = None) -> dict | None:
@@ -264,6 +312,9 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     warnings = [w for w in (_no_mask_updates(cfg, sched),) if w]
     for message in warnings:
         emit({"event": "warning", "message": message})
+    extended = checkpoint.read_run(out).get("extended", []) if lead else []
+    if extended and extended[-1]["at_step"] == step0:
+        emit({"event": "note", "message": extended[-1]["note"]})
     emit({"event": "start", "steps": steps, "start_step": step0, "method": cfg.method,
           "flops": flop, "items_per_step": cfg.batch_size})
 
@@ -275,6 +326,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
         for step in range(step0, steps):
             model.train()
             x, y = data.batch(step, cfg.batch_size, cfg.seed, rank, world)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (the first group's; all share the schedule)
             loss = _loss(logits_of(net(x)), y)
             value = loss.item()
             if not _finite_everywhere(value, world):
@@ -293,7 +345,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
                 now = time.perf_counter()
                 rate = n_window * cfg.batch_size / max(now - t_window, 1e-9)
                 if lead:
-                    log.write({"step": done, "loss": window / n_window, "items_per_s": rate,
+                    log.write({"step": done, "loss": window / n_window, "lr": lr, "items_per_s": rate,
                                "elapsed": now - t0})
                 emit({"event": "step", "step": done, "loss": window / n_window, "items_per_s": rate})
                 window, n_window, t_window = 0.0, 0, now
@@ -317,7 +369,8 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     if world > 1:
         _check_ranks_agree(model)
     if lead:
-        summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0, warnings)
+        summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0, warnings,
+                          extended)
         log.f.close()
         emit({"event": "end", **summary})
 
@@ -494,6 +547,8 @@ def _restore(model, optimizer, sched, lr_sched, state, rank, out):
     sched.load_state_dict(state["scheduler"])
     if "lr_schedule" in state:  # checkpoints from before LR schedules had a constant LR
         lr_sched.load_state_dict(state["lr_schedule"])
+    for group, base, factor in zip(optimizer.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas):
+        group["lr"] = base * factor(lr_sched.last_epoch)  # as LambdaLR sets it; re-planned if extended
     torch.set_rng_state(state["rng"][rank])
     try:  # last: at the masks as loaded, so the layers run on the backends they ran on, timing nothing
         AUTO.restore(model, state.get("auto_choices", [{}] * (rank + 1))[rank])
@@ -539,7 +594,7 @@ def backends_in_short(backends: dict) -> str:
                      for i, (b, n) in enumerate(counts)) or "no sparse layers"
 
 
-def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings) -> dict:
+def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings, extended) -> dict:
     out = Path(cfg.out)
     siftc.save(model, out / "model", force=True)
     records = [json.loads(line) for line in log.path.read_text().splitlines() if line.strip()]
@@ -547,7 +602,7 @@ def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings) -> di
     backends = layer_backends(model, cfg.backend)  # rank 0's: each rank of an auto run timed its own
     summary = {"method": cfg.method, "steps": steps, "batch_size": cfg.batch_size,
                "backend": cfg.backend, "backends": backends_in_short(backends), "layer_backends": backends,
-               "warnings": warnings, "nproc": cfg.nproc, "resumed_at": step0 or None,
+               "warnings": warnings, "nproc": cfg.nproc, "resumed_at": step0 or None, "extended": extended,
                "elapsed_s": elapsed, "steps_per_s": steps / elapsed if elapsed else None,
                "mask_updates": sched.updates, "flops": flop,
                "nnz": {n: layer.nnz for n, layer in sparse_layers(model).items()},
