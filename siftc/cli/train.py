@@ -6,6 +6,7 @@ import time
 import click
 from click.core import ParameterSource
 
+from siftc.cli import config_file
 from siftc.cli.options import defaults, trust_source_option
 from siftc.runtime import BACKENDS
 from siftc.sparse import DISTRIBUTIONS, METHODS
@@ -116,19 +117,25 @@ class PlainProgress(Warnings):
 @click.option("--checkpoint-every", type=int, default=DEFAULT["checkpoint_every"], show_default=True,
               help="Steps between checkpoints.")
 @click.option("--eval-every", type=int, default=None, help="Steps between validations. [default: steps/10]")
+@click.option("--log-every", type=int, default=DEFAULT["log_every"], show_default=True,
+              help="Steps averaged into one metrics.jsonl line (loss, lr, items/s) and progress update.")
 @click.option("--nproc", type=int, default=DEFAULT["nproc"], show_default=True,
-              help="Processes (torch.distributed, gloo, DDP); the batch is split across them.")
+              help="Processes on this machine (torch.distributed, gloo, DDP); the batch is split across them. "
+                   "Several machines: start siftc under torchrun instead, without --nproc: torchrun "
+                   "--nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m siftc "
+                   "train ...")
 @click.option("--threads", type=int, default=None,
               help="Intra-op threads per process. [default: torch's, cores / nproc with --nproc]")
 @click.option("--resume", type=click.Path(), default=None, metavar="RUN",
               help="Continue RUN/ from its last checkpoint, with the settings it was started with; with "
                    "--steps M, train on to step M, a finished run too, the LR schedule and mask updates "
                    "re-planned for M steps: siftc train --resume runs/mlp --steps 4000.")
+@config_file.option
 @click.option("--force", is_flag=True, help="Replace the run directory if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @trust_source_option
 @click.pass_context
-def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **options):
+def train(ctx, artifact, data, output, resume, config, force, quiet, trust_source, **options):
     """Train ARTIFACT (a directory from `siftc convert`) on --data with a sparse mask scheduler.
 
     \b
@@ -136,6 +143,9 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
       siftc convert examples/mlp.py --kind wide --sparsity 0.75 -o out/mlp-wide75
       siftc train out/mlp-wide75 --data data/digits.npz --method rigl --epochs 20 -o runs/mlp-rigl
       siftc train --resume runs/mlp-rigl      # after an interruption
+      siftc train --resume runs/mlp-rigl --steps 4000             # on to step 4000
+      siftc train --config runs/mlp-rigl/run.json -o runs/mlp-s1 --seed 1   # its settings, another seed
+      torchrun --nproc-per-node 2 -m siftc train out/mlp-wide75 --data data/digits.npz -o runs/mlp-2p
     """
     from siftc.artifact import trusting
     from siftc.errors import UsageError
@@ -147,7 +157,7 @@ def train(ctx, artifact, data, output, resume, force, quiet, trust_source, **opt
     if group is not None and ctx.get_parameter_source("nproc") == ParameterSource.COMMANDLINE:
         raise nproc_with_launcher(group.world)
     if resume:
-        given = [name for name in ("artifact", "data", "output", "force", *options)
+        given = [name for name in ("artifact", "data", "output", "config", "force", *options)
                  if name != "steps" and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
         if given:
             raise UsageError(f"--resume takes every setting from {resume}/run.json (but --steps, to train "
