@@ -5,7 +5,8 @@ import importlib.util
 
 from siftc.errors import UsageError
 
-EXTRAS = {"matplotlib": "plot", "sklearn": "data", "deepsparse": "deepsparse", "transformers": "transformers"}
+EXTRAS = {"matplotlib": "plot", "sklearn": "data", "deepsparse": "deepsparse", "transformers": "transformers",
+          "tensorboard": "tensorboard"}
 
 
 def available(module: str) -> bool:

@@ -126,6 +126,10 @@ class PlainProgress(Warnings):
                    "train ...")
 @click.option("--threads", type=int, default=None,
               help="Intra-op threads per process. [default: torch's, cores / nproc with --nproc]")
+@click.option("--tensorboard", type=click.Path(), default=None, metavar="DIR",
+              help="Also write the metrics as TensorBoard scalars into DIR (train loss, lr, items/s, val "
+                   "loss/acc, mask updates): siftc train ... --tensorboard tb/mlp, then tensorboard --logdir "
+                   "tb. Needs pip install 'siftc[tensorboard]'.")
 @click.option("--resume", type=click.Path(), default=None, metavar="RUN",
               help="Continue RUN/ from its last checkpoint, with the settings it was started with; with "
                    "--steps M, train on to step M, a finished run too, the LR schedule and mask updates "

@@ -43,6 +43,7 @@ class TrainConfig:
     log_every: int = 10             # steps averaged into one metrics.jsonl line
     nproc: int = 1                  # processes (torch.distributed, gloo)
     threads: int | None = None      # intra-op threads per process; None: torch's default (cores / nproc)
+    tensorboard: str | None = None  # a directory for TensorBoard scalars beside metrics.jsonl; None: none
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,6 +75,8 @@ class TrainConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise UsageError(f"threads={self.threads!r} must be a positive integer")
+        if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard):
+            raise UsageError(f"tensorboard={self.tensorboard!r} must be a directory path")
         if self.batch_size % self.nproc:
             raise UsageError(f"batch size {self.batch_size} does not split over {self.nproc} processes; "
                              f"pass a --batch-size that is a multiple of --nproc")

@@ -116,7 +116,7 @@ def _follow(group: Group, given: TrainConfig | None) -> None:
     try:
         if given is not None:
             _same_settings(group, given, cfg)
-        prepared = prepare(cfg)
+        prepared = prepare(cfg, lead=False)
         if input_digests(cfg) != tuple(digests):
             raise UsageError(f"rank {group.rank}'s artifact {cfg.artifact} or data {cfg.data} differs from rank "
                              f"0's (by digest); every node must see the same files at the same paths")

@@ -44,12 +44,13 @@ from siftc.nn.sparse import set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
 from siftc.artifact import FORMAT as ARTIFACT, unpack_state
-from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_file, write_json
+from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_json
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.distributed import launched
 from siftc.train.flops import training_flops
+from siftc.train.metrics import Metrics, plot_losses, summary_writer_class
 from siftc.train.schedule import lr_scheduler, param_groups
 
 AUTO = BACKENDS["auto"]  # its per-layer choices are checkpointed: a resumed run keeps them
@@ -71,9 +72,9 @@ class Interrupted(SiftcError):
         return 128 + signal.Signals[str(self).split()[0]]
 
 
-def prepare(cfg: TrainConfig):
+def prepare(cfg: TrainConfig, lead: bool = True):
     """Load the artifact and the data and check they fit: every user error surfaces here, before any
-    process is spawned. Returns (model, data)."""
+    process is spawned. Returns (model, data). `lead`: for rank 0, which alone writes metrics."""
     model = siftc.load(cfg.artifact)
     set_backend(model, cfg.backend)
     info = model.siftc_info
@@ -85,6 +86,8 @@ def prepare(cfg: TrainConfig):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {data.train_items} training "
                          f"examples in {cfg.data}; pass --batch-size {data.train_items} or less, or more data")
     _check_batch_norm(model, data, cfg)
+    if cfg.tensorboard and lead:
+        summary_writer_class()  # a missing tensorboard package is one line, before any training
     if cfg.warmup_steps >= total_steps(cfg, data):  # --steps was checked by TrainConfig; --epochs here
         raise UsageError(f"--warmup-steps {cfg.warmup_steps} leaves none of the run's "
                          f"{total_steps(cfg, data)} steps to train at --lr; pass fewer warmup steps")
@@ -305,9 +308,10 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     if state is not None:
         _restore(model, optimizer, sched, lr_sched, state, rank, out)
         step0, metrics_at, elapsed0 = state["step"], state["metrics_offset"], state["elapsed"]
+    nnz = sum(layer.nnz for layer in sparse_layers(model).values()) or 1  # constant through training
     flop = training_flops(model, x0, cfg.batch_size, steps, sched, model.siftc_info.report["dense_flops"])
     net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
-    log = _Metrics(out / "metrics.jsonl", metrics_at) if lead else None
+    log = Metrics(out / "metrics.jsonl", metrics_at, cfg.tensorboard, step0) if lead else None
     emit = progress if (lead and progress is not None) else (lambda event: None)
     warnings = [w for w in (_no_mask_updates(cfg, sched),) if w]
     for message in warnings:
@@ -339,8 +343,9 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
             done = step + 1
             window, n_window = window + value, n_window + 1
             if record and lead:
-                log.write({"step": done, "mask_update": record["drop_fraction"],
-                           "changed": sum(record["changed"].values())})
+                changed = sum(record["changed"].values())
+                log.write({"step": done, "mask_update": record["drop_fraction"], "changed": changed,
+                           "changed_fraction": changed / nnz})
             if done % cfg.log_every == 0 or done == steps:
                 now = time.perf_counter()
                 rate = n_window * cfg.batch_size / max(now - t_window, 1e-9)
@@ -371,7 +376,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     if lead:
         summary = _finish(cfg, model, steps, flop, sched, time.perf_counter() - t0, log, step0, warnings,
                           extended)
-        log.f.close()
+        log.close()
         emit({"event": "end", **summary})
 
 
@@ -487,34 +492,6 @@ def evaluate(model, data, batch: int = 256) -> dict:
     return {"val_loss": total / count, "val_acc": correct / count}
 
 
-class _Metrics:
-    """metrics.jsonl, cut back to where the checkpoint was taken when a run resumes. A file shorter
-    than that (lost, or cut by hand) keeps its complete lines and is never padded."""
-
-    def __init__(self, path: Path, offset: int):
-        self.path = path
-        with os_errors(path):
-            with open(path, "a+b") as f:
-                f.seek(0)
-                kept = f.read(offset)
-                f.truncate(kept.rfind(b"\n") + 1 if len(kept) < offset else offset)
-            self.f = open(path, "a")
-
-    def write(self, record: dict):
-        with os_errors(self.path):
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-
-    def sync(self):
-        """On disk before the checkpoint that records how far it got."""
-        with os_errors(self.path):
-            self.f.flush()
-            os.fsync(self.f.fileno())
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
 def _checkpoint(out, run_id, model, optimizer, sched, lr_sched, step, log, elapsed, world, lead):
     # Per rank: its RNG and the auto backend's choices (each rank timed its own; empty on other backends).
     mine = (torch.get_rng_state(), AUTO.choices_of(model))
@@ -597,7 +574,7 @@ def backends_in_short(backends: dict) -> str:
 def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings, extended) -> dict:
     out = Path(cfg.out)
     siftc.save(model, out / "model", force=True)
-    records = [json.loads(line) for line in log.path.read_text().splitlines() if line.strip()]
+    records = log.records()
     evals = [r for r in records if "val_loss" in r]
     backends = layer_backends(model, cfg.backend)  # rank 0's: each rank of an auto run timed its own
     summary = {"method": cfg.method, "steps": steps, "batch_size": cfg.batch_size,
@@ -610,24 +587,3 @@ def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings, exten
     write_json(out / "summary.json", summary)
     plot_losses(records, out / "loss.png", title=f"{Path(cfg.artifact).name} · {cfg.method}")
     return summary
-
-
-def plot_losses(records: list, path: Path, title: str = ""):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title(title, fontsize=9)
-    if train or val:  # a resumed run whose metrics.jsonl was lost has nothing to label
-        ax.legend()
-    fig.tight_layout()
-    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
