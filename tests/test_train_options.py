@@ -154,3 +154,21 @@ def test_piped_output_prints_plain_progress_lines(work, tmp_path):
                                                                    r"[\d,]+ items/s, ETA \d+:\d\d:\d\d", l)]
     assert [l.split()[1] for l in lines] == ["10/30", "20/30", "30/30"], done.stdout
     assert "\x1b" not in done.stdout
+
+
+def test_without_matplotlib_training_ends_without_the_plot_and_says_so(work, tmp_path):
+    import subprocess
+    import sys
+
+    from test_train import ENV
+    run = tmp_path / "r"
+    blocked = "import sys; sys.modules['matplotlib'] = None; from siftc.cli import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", blocked, "train", str(work / "clf"), "--data", str(work / "data.npz"),
+                        "-o", str(run), "--steps", "3", "--method", "static", "--backend", "torch", "--quiet"],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    warning = "loss.png is not drawn: matplotlib is not installed here; pip install 'siftc[plot]'"
+    assert r.stderr == f"siftc: warning: {warning}\n"
+    assert r.stdout.splitlines()[-1] == f"wrote {run}/model (artifact), metrics.jsonl, summary.json"
+    assert not (run / "loss.png").exists()
+    assert json.loads((run / "summary.json").read_text())["warnings"] == [warning]

@@ -2,6 +2,7 @@
 import datetime
 import sys
 import time
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -193,4 +194,5 @@ def _print_summary(s: dict, run: str):
     click.echo(f"{s['method']}: {s['steps']} steps, {val}, {rate} on {s['backend']} ({s['backends']})")
     click.echo(f"training FLOPs {f['total']:.3e} (dense model {f['dense_model_total']:.3e}, "
                f"{f['ratio_to_dense']:.3f}x; RigL dense-gradient steps: {f['dense_grad_steps']})")
-    click.echo(f"wrote {run}/model (artifact), metrics.jsonl, loss.png, summary.json")
+    plot = ", loss.png" if (Path(run) / "loss.png").is_file() else ""  # matplotlib is an extra
+    click.echo(f"wrote {run}/model (artifact), metrics.jsonl{plot}, summary.json")

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import siftc
 from siftc.errors import SiftcError, UsageError
+from siftc.extras import available
 from siftc.nn.sparse import set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
@@ -259,10 +260,12 @@ def _replanned(cfg: TrainConfig, done: int, planned: int) -> str:
 
 
 def _begin_extended(out: Path, info: dict) -> dict:
-    """run.json with the new total; the finished run's summary.json goes (the run is unfinished again)."""
+    """run.json with the new total; the finished run's summary.json and loss.png go (the run is
+    unfinished again)."""
     write_json(out / "run.json", info)
     with os_errors(out):
         (out / "summary.json").unlink(missing_ok=True)
+        (out / "loss.png").unlink(missing_ok=True)
     return info
 
 
@@ -313,7 +316,7 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
     net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
     log = Metrics(out / "metrics.jsonl", metrics_at, cfg.tensorboard, step0) if lead else None
     emit = progress if (lead and progress is not None) else (lambda event: None)
-    warnings = [w for w in (_no_mask_updates(cfg, sched),) if w]
+    warnings = [w for w in (_no_mask_updates(cfg, sched), _no_plot() if lead else None) if w]
     for message in warnings:
         emit({"event": "warning", "message": message})
     extended = checkpoint.read_run(out).get("extended", []) if lead else []
@@ -432,6 +435,13 @@ def _no_mask_updates(cfg: TrainConfig, sched) -> str | None:
         return f"{what}; pass more --steps or a larger --end-fraction"
     return (f"{what}; pass --update-every {last} or less (--update-every {max(1, last // 4)} gives "
             f"{last // max(1, last // 4)} updates)")
+
+
+def _no_plot() -> str | None:
+    """A warning when loss.png cannot be drawn: matplotlib is an extra."""
+    if available("matplotlib"):
+        return None
+    return "loss.png is not drawn: matplotlib is not installed here; pip install 'siftc[plot]'"
 
 
 def _finite_everywhere(value: float, world: int) -> bool:
@@ -585,5 +595,6 @@ def _finish(cfg, model, steps, flop, sched, elapsed, log, step0, warnings, exten
                "nnz": {n: layer.nnz for n, layer in sparse_layers(model).items()},
                **({k: evals[-1][k] for k in ("val_loss", "val_acc")} if evals else {})}
     write_json(out / "summary.json", summary)
-    plot_losses(records, out / "loss.png", title=f"{Path(cfg.artifact).name} · {cfg.method}")
+    if available("matplotlib"):
+        plot_losses(records, out / "loss.png", title=f"{Path(cfg.artifact).name} · {cfg.method}")
     return summary
