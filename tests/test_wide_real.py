@@ -102,6 +102,17 @@ def test_wide_runs_with_the_dense_output_shape(wide):
     assert out.shape == wide.dense_out.shape and torch.isfinite(out).all()
 
 
+def test_wide_takes_another_batch_size(wide):
+    """Sizes read off the input (batch, sequence) stay live: HF BERT expands its attention mask to the
+    batch size read off the hidden states, which once became the example's constant 2."""
+    if wide.name == "nanogpt":
+        pytest.skip("NanoGPT's example is positional; the HF models cover the attention masks")
+    double = {k: torch.cat([v, v]) for k, v in wide.inputs.items()}
+    with torch.no_grad():
+        once, twice = _run(wide.gm.eval(), wide.inputs), _run(wide.gm, double)
+    torch.testing.assert_close(twice, torch.cat([once, once]), rtol=1e-4, atol=1e-5)
+
+
 def test_stream_and_mlp_widen_by_k_and_heads_keep_their_width(wide):
     key = wide.name.partition("-")[0]
     stream, mlp, heads = (wide.group(m) for m in MEMBERS[key])

@@ -12,6 +12,7 @@ The input (64) and the output (10) keep their widths. Widths move in groups foun
 re-runs the graph. Iso-FLOP: `siftc.solve.wide_nnz`.
 """
 import math
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -274,10 +275,35 @@ def _rewrite_sizes(gm, a, width):
 def _keeps(a, arg, label, old: int, new: int) -> bool:
     """Keep a view's size argument: -1, an unchanged number, or a size read from the model's input
     (batch, sequence length: the graph keeps taking any). Sizes computed from a width (C // n_head)
-    become the new number."""
+    become the new number. A size read straight off a tensor (`x.shape[0]`, `x.size(1)`) is judged by
+    the dim it was read from: HF's attention mask is built from aranges (dims of no input) and then
+    expanded to the batch size read off the hidden states, which must stay the batch size."""
     if isinstance(arg, int):
         return arg == -1 or arg == new
+    read = _dim_read(arg)
+    if read is not None and a.dims(read[0]) is not None:
+        label = a.dims(read[0])[read[1]]
     return old == 1 or all(a.groups[g].fixed == "model input" for g, _ in label)
+
+
+def _dim_read(arg) -> tuple | None:
+    """(tensor node, dim) if `arg` is one size read off a tensor: x.size(d), x.size()[d], x.shape[d]."""
+    if not isinstance(arg, torch.fx.Node) or arg.op not in ("call_method", "call_function"):
+        return None
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
+        x, d = arg.args
+    elif arg.target is operator.getitem and isinstance(arg.args[1], int) and isinstance(arg.args[0], torch.fx.Node):
+        whole = arg.args[0]
+        if not (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1 or
+                whole.op == "call_function" and whole.target is getattr and whole.args[1] == "shape"):
+            return None
+        x, d = whole.args[0], arg.args[1]
+    else:
+        return None
+    dims = x.meta.get("siftc.dims") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(d, int) or not isinstance(dims, tuple) or not -len(dims) <= d < len(dims):
+        return None
+    return x, d % len(dims)
 
 
 def _check_shapes(gm, width):
