@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +50,7 @@ from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
 from siftc.train.distributed import launched
+from siftc.train.extend import begin_extended, extend
 from siftc.train.flops import training_flops
 from siftc.train.metrics import Metrics, plot_losses, summary_writer_class
 from siftc.train.schedule import lr_scheduler, param_groups
@@ -177,7 +178,7 @@ def train(cfg: TrainConfig, progress=None, force: bool = False) -> dict | None:
 def resume(run, progress=None, steps: int | None = None) -> dict | None:
     """Continue RUN/ from its last checkpoint with the settings it was started with, after checking
     (once) that its artifact and data are unchanged. Returns the run's summary; RUN/ is locked meanwhile.
-    `steps`: train to this step instead, a finished run too (see `extend`).
+    `steps`: train to this step instead, a finished run too (siftc.train.extend).
 
         >>> resume("runs/mlp")  # after an interruption
         >>> resume("runs/mlp", steps=4000)  # on from the 2000 steps it was started with
@@ -221,52 +222,8 @@ def _continued_run(run, steps: int | None = None):
         begin = lambda: info  # noqa: E731 (run.json as it is)
         if steps is not None and steps != total_steps(cfg, prepared[1]):
             cfg, info = extend(cfg, info, state["step"] if state else 0, total_steps(cfg, prepared[1]), steps)
-            begin = functools.partial(_begin_extended, out, info)
+            begin = functools.partial(begin_extended, out, info)
         yield _Claim(cfg, prepared, state, (info["artifact_sha"], info["data_sha"]), begin)
-
-
-def extend(cfg: TrainConfig, info: dict, done: int, planned: int, steps: int) -> tuple[TrainConfig, dict]:
-    """The settings and run.json of a run of `planned` steps, `done` of them trained, that is to train
-    to `steps` instead (`--resume RUN --steps M`, a finished run included). Its schedules are re-planned
-    for `steps`: from step `done` on, the LR and the mask updates are what a run started with --steps
-    `steps` has there (a cosine LR stretched over the new total, RigL/SET updating until end_fraction of
-    it), so a longer run trains at an LR that is not already 0, and its masks keep moving. Each extension
-    is listed under run.json's "extended" with the line that says so."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps={steps!r} must be a positive integer")
-    if steps < done:
-        raise UsageError(f"--steps {steps} is fewer than the {done} steps {cfg.out} has done; pass --steps "
-                         f"{done} or more")
-    new = replace(cfg, steps=steps, epochs=None)
-    record = {"at_step": done, "from_steps": planned, "to_steps": steps, "note": _replanned(new, done, planned)}
-    return new, {**info, "config": {**info["config"], "steps": steps, "epochs": None},
-                 "extended": [*info.get("extended", []), record]}
-
-
-def _replanned(cfg: TrainConfig, done: int, planned: int) -> str:
-    """'extended from 20 to 40 steps at step 20: the cosine LR schedule (warmup 4) and rigl's mask
-    updates (every 5 until step 30) are re-planned for 40 steps, as if ...'"""
-    parts = []
-    if cfg.lr_schedule != "constant" or cfg.warmup_steps:
-        warmup = f" (warmup {cfg.warmup_steps})" if cfg.warmup_steps else ""
-        parts.append(f"the {cfg.lr_schedule} LR schedule{warmup}")
-    if METHODS[cfg.method].updates_masks:
-        end = int(cfg.end_fraction * cfg.steps)
-        parts.append(f"{cfg.method}'s mask updates (every {cfg.update_every} until step {end})")
-    what = (f"{' and '.join(parts)} {'are' if len(parts) > 1 else 'is'} re-planned for {cfg.steps} steps, as "
-            f"if the run had been started with --steps {cfg.steps}" if parts
-            else "the LR stays constant and the masks static")
-    return f"extended from {planned} to {cfg.steps} steps at step {done}: {what}"
-
-
-def _begin_extended(out: Path, info: dict) -> dict:
-    """run.json with the new total; the finished run's summary.json and loss.png go (the run is
-    unfinished again)."""
-    write_json(out / "run.json", info)
-    with os_errors(out):
-        (out / "summary.json").unlink(missing_ok=True)
-        (out / "loss.png").unlink(missing_ok=True)
-    return info
 
 
 def _execute(group, claim, progress, given: TrainConfig | None = None) -> dict | None:
