@@ -1,21 +1,25 @@
 """How long `siftc.convert` takes on every shipped example and on HuggingFace's GPT-2 small at its real
 size (124M parameters, 12 layers, d 768, random init from GPT2Config(); sequence 64), for every kind, at
-sparsity 0.9: prints a table with each conversion's iso-FLOP ratio and saves
-benchmarks/results/convert_time.json.
+sparsity 0.9, and how long `siftc.load` takes on the artifact saved from it: prints a table with each
+conversion's iso-FLOP ratio and saves benchmarks/results/convert_time.json (rows measured again
+replace their old ones; the others stay).
 
     flock /tmp/siftc-bench.lock nice -n 0 python benchmarks/convert_time.py            # medians of 3
     python benchmarks/convert_time.py --reps 5 --kinds parallel,wide --models resnet18_cifar,gpt2_small
 
 Timed: `siftc.convert(model, kind, 0.9, example_inputs)` alone (trace, rewrite, masks, FLOP check,
-report). Not timed: Python start-up, imports, building the dense model. One untimed MLP conversion
-first pays for the lazy imports a first conversion triggers. Targets: ResNet-18 under 2 s, GPT-2
-small under 5 s (issue 11).
+report), and `siftc.load(artifact)` alone (read and verify the files, build the model from graph.json,
+load the tensors; no conversion, no forward). Not timed: Python start-up, imports, building the dense
+model, `siftc.save`. One untimed MLP conversion and load first pay for the lazy imports. Targets:
+ResNet-18 conversion under 2 s, GPT-2 small under 5 s (issue 11); loading the 90% Sparse Wide ResNet-18
+artifact under 0.3 s (issue 14).
 """
 import argparse
 import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ MODELS = ["mlp.py:mlp", "resnet.py:resnet18_cifar", "resnet.py:resnet18_imagenet
 HF = ["gpt2_small"]
 SPARSITY = 0.9
 TARGETS_S = {"resnet18": 2.0, "gpt2_small": 5.0}  # model-name prefix -> target, from the issues
+LOAD_TARGETS_S = {"resnet18_cifar/wide": 0.3}  # model/kind -> siftc.load target (issue 14)
 
 
 def gpt2_small():
@@ -50,16 +55,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def time_convert(model, inputs, kind: str, reps: int) -> tuple[list[float], float]:
-    """Seconds of each conversion, and the converted model's weight FLOPs over the dense model's."""
+def time_convert(model, inputs, kind: str, reps: int) -> tuple[list[float], float, list[float]]:
+    """Seconds of each conversion, the converted model's weight FLOPs over the dense model's, and the
+    seconds of each `siftc.load` of its artifact."""
     times = []
     for _ in range(reps):
+        gm = None  # a 90% parallel ResNet holds 10x the dense weights; do not keep two alive
         t = time.perf_counter()
         gm = siftc.convert(model, kind, SPARSITY, inputs)
         times.append(time.perf_counter() - t)
-        ratio = gm.siftc_info.report["flop_ratio"]
-        del gm  # a 90% parallel ResNet holds 10x the dense weights; do not keep two alive
-    return times, ratio
+    return times, gm.siftc_info.report["flop_ratio"], time_load(gm, reps)
+
+
+def time_load(gm, reps: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        art = siftc.save(gm, Path(tmp) / "art")
+        del gm
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            loaded = siftc.load(art)
+            times.append(time.perf_counter() - t)
+            del loaded
+    return times
 
 
 def main(argv=None):
@@ -75,12 +93,12 @@ def main(argv=None):
     specs = [m for m in MODELS if m.split(":")[1] in wanted] + [m for m in HF if m in wanted]
 
     warm = load_model(str(ROOT / "examples" / MODELS[0]))
-    siftc.convert(warm.model, "parallel", SPARSITY, warm.example_inputs)
+    time_load(siftc.convert(warm.model, "parallel", SPARSITY, warm.example_inputs), 1)
 
     rows = []
-    print(f"siftc.convert at sparsity {SPARSITY}: median of {args.reps} (s), torch threads "
+    print(f"siftc.convert and siftc.load at sparsity {SPARSITY}: median of {args.reps} (s), torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'model':<20}" + "".join(f"{k + ' s, ratio':>16}" for k in kinds))
+    print(f"{'model':<20}" + "".join(f"{k + ' s, ratio, load s':>24}" for k in kinds))
     for spec in specs:
         if spec in HF:
             name, (model, inputs) = spec, globals()[spec]()
@@ -90,14 +108,15 @@ def main(argv=None):
         cells = []
         for kind in kinds:
             try:
-                times, ratio = time_convert(model, inputs, kind, args.reps)
+                times, ratio, loads = time_convert(model, inputs, kind, args.reps)
             except SiftcError as e:  # a kind the model cannot take at this sparsity: say why, go on
                 rows.append({"model": name, "kind": kind, "error": str(e)})
-                cells.append(f"{'n/a':>16}")
+                cells.append(f"{'n/a':>24}")
                 continue
             rows.append({"model": name, "kind": kind, "median_s": statistics.median(times), "times_s": times,
-                         "flop_ratio": ratio})
-            cells.append(f"{statistics.median(times):>9.3f} {ratio:.4f}")
+                         "flop_ratio": ratio, "load_median_s": statistics.median(loads), "load_times_s": loads,
+                         "reps": args.reps})
+            cells.append(f"{statistics.median(times):>9.3f} {ratio:.4f} {statistics.median(loads):>6.3f}")
         print(f"{name:<20}" + "".join(cells), flush=True)
         del model
     for r in rows:
@@ -109,11 +128,21 @@ def main(argv=None):
         if mine:
             print(f"target {prefix} < {target} s: " + ("met" if not slow else "missed by " + ", ".join(
                 f"{r['model']}/{r['kind']} ({r['median_s']:.1f} s)" for r in slow)))
+    for cell, target in LOAD_TARGETS_S.items():
+        row = next((r for r in rows if f"{r['model']}/{r['kind']}" == cell and "load_median_s" in r), None)
+        if row:
+            print(f"target load {cell} < {target} s: {'met' if row['load_median_s'] < target else 'missed'} "
+                  f"({row['load_median_s']:.3f} s)")
 
     meta = {"sparsity": SPARSITY, "reps": args.reps, "statistic": "median s of siftc.convert",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
             "machine": platform.machine(), "cpu": cpu_model(), "targets_s": TARGETS_S,
-            "columns": "median seconds and the converted model's weight FLOPs / dense"}
+            "load_targets_s": LOAD_TARGETS_S,
+            "columns": "median seconds of siftc.convert, the converted model's weight FLOPs / dense, and median "
+                       "seconds of siftc.load of its artifact"}
+    measured = {(r["model"], r["kind"]) for r in rows}
+    old = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+    rows = [r for r in old if (r["model"], r["kind"]) not in measured] + rows  # the other rows stay
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -45,6 +45,11 @@ CONSTANT = "constant@"  # weights.pt key prefix of a tensor the graph reads that
 _TRUST = contextvars.ContextVar("siftc_trust_source", default=False)
 
 
+def trusted() -> bool:
+    """Whether the code running now may import model files (inside `trusting`, the CLI's --trust-source)."""
+    return _TRUST.get()
+
+
 @contextlib.contextmanager
 def trusting(trust: bool = True):
     """Inside, siftc.load may import an artifact's model file (as trust_source=True)."""
@@ -239,12 +244,30 @@ def _read_graph(path: Path) -> dict:
 
 
 def _load_state(gm, state: dict, path: Path):
+    """The stored tensors become the model's (assigned, not copied: a model built from graph.json holds
+    meta tensors, and a parameter keeps its stored dtype)."""
     try:
-        gm.load_state_dict(unpack_state(state, path), strict=True)
+        gm.load_state_dict(unpack_state(state, path), strict=True, assign=True)
     except RuntimeError as e:
         first = " ".join(str(e).split())[:300]
         raise ArtifactError(f"{path} does not match the model it names ({first}); "
                             f"the model file changed or the artifact is from another model") from e
+    empty = next((n for n, t in (*gm.named_parameters(), *gm.named_buffers()) if t.is_meta), None)
+    if empty is not None:
+        raise ArtifactError(f"{path} holds no tensor for {empty}: corrupt or from another siftc; convert again")
+    _tie(gm)
+
+
+def _tie(gm):
+    """Parameters saved as one tensor (tied weights: a state dict names a shared parameter once per
+    owner, and torch.save keeps it one storage) are one Parameter again, not two that share memory,
+    which an optimizer would step twice."""
+    first = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        key = (p.data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.dtype)
+        if p.numel() and first.setdefault(key, p) is not p:
+            owner, _, atom = name.rpartition(".")
+            gm.get_submodule(owner)._parameters[atom] = first[key]
 
 
 def _reconvert(path: Path, meta: dict, cfg: ConvertConfig, source: Source | None, model, state, inputs):
@@ -266,13 +289,18 @@ def _reconvert(path: Path, meta: dict, cfg: ConvertConfig, source: Source | None
 
 
 VALUES, BITS, SHAPE = "weight@values", "mask@bits", "mask@shape"
+GAPS, FAR = "mask@gaps", "mask@far"
 SHAPE_KEY = "weight_shape"  # a sparse layer's dense shape, in its state dict
+FAR_GAP = 255  # a gap of 255 or more is stored as 255, its size in `@far`
 
 
 def pack_state(state: dict) -> dict:
-    """A state dict with each sparse layer's `<name>.positions` stored as the bits of its mask (1 bit per
-    dense entry: at 90% sparsity 1.25 bits per non-zero, against 32 for the positions) and its shape, and
-    its `<name>.values` (row-major, the order of the positions) as `<name>.weight@values`."""
+    """A state dict with each sparse layer's `<name>.positions` stored compactly with its shape, and its
+    `<name>.values` (row-major, the order of the positions) as `<name>.weight@values`. The positions
+    are the bits of the mask (`@bits`, 1 bit per dense entry) when the layer is at least 1/8 dense, and
+    else the gaps between them (`@gaps`, a byte per non-zero; a gap of 255 or more also in `@far`): at
+    90% sparsity 8 bits a non-zero against 10 for the bits and 32 for the positions, and decoded with a
+    cumulative sum over the non-zeros, not a scan of every dense entry (siftc.load's time)."""
     out = dict(state)
     for key in [k for k in state if k.rpartition(".")[2] == "positions"]:
         prefix = key[: -len("positions")]
@@ -280,33 +308,68 @@ def pack_state(state: dict) -> dict:
         if values is None or shape is None:
             continue  # not a sparse layer's
         out.pop(key)
-        mask = np.zeros(int(shape.prod()), dtype=bool)
-        mask[state[key].numpy()] = True
-        out[prefix + BITS] = torch.from_numpy(np.packbits(mask))
-        out[prefix + SHAPE] = shape.clone()
-        out[prefix + VALUES] = values.clone()
+        positions, numel = state[key].numpy(), int(shape.prod())  # int32, ascending
+        if 8 * positions.size >= numel:
+            mask = np.zeros(numel, dtype=bool)
+            mask[positions] = True
+            out[prefix + BITS] = torch.from_numpy(np.packbits(mask))
+        else:
+            gaps = np.diff(positions, prepend=np.int32(-1))
+            gaps -= 1
+            out[prefix + GAPS] = torch.from_numpy(np.minimum(gaps, FAR_GAP).astype(np.uint8))
+            out[prefix + FAR] = torch.from_numpy(gaps[gaps >= FAR_GAP].astype(np.int32))
+        out[prefix + SHAPE] = shape
+        out[prefix + VALUES] = values
     return out
 
 
 def unpack_state(packed: dict, path: Path) -> dict:
     """A model's state dict back from `pack_state`'s form (values + positions per sparse layer)."""
-    state = {k: v for k, v in packed.items() if not k.endswith((VALUES, BITS, SHAPE))}
+    state = {k: v for k, v in packed.items() if not k.endswith((VALUES, BITS, SHAPE, GAPS, FAR))}
     for key in packed:
-        if not key.endswith(BITS):
+        if not key.endswith((BITS, GAPS)):
             continue
-        prefix = key[: -len(BITS)]
-        values, shape, bits = packed.get(prefix + VALUES), packed.get(prefix + SHAPE), packed[key].numpy()
-        if values is None or shape is None or bits.dtype != np.uint8 or bits.size * 8 < int(shape.prod()):
+        prefix = key[: -len(BITS if key.endswith(BITS) else GAPS)]
+        values, shape = packed.get(prefix + VALUES), packed.get(prefix + SHAPE)
+        if values is None or shape is None or shape.dtype != torch.int64 or shape.dim() != 1:
             raise ArtifactError(f"{path} stores an incomplete sparse weight for {prefix}weight: corrupt; "
                                 f"convert the model again")
-        positions = np.flatnonzero(np.unpackbits(bits, count=int(shape.prod())))
-        if positions.size != values.numel():
-            raise ArtifactError(f"{path} holds {values.numel()} values for {prefix}weight but its mask has "
-                                f"{positions.size}: corrupt; convert the model again")
-        state[prefix + "positions"] = torch.from_numpy(positions.astype(np.int32))
+        numel = int(shape.prod())
+        positions = _from_bits(packed[key], numel) if key.endswith(BITS) else \
+            _from_gaps(packed[key], packed.get(prefix + FAR), numel)
+        if positions is None or positions.size != values.numel() or \
+                (positions.size and not 0 <= positions[0] <= positions[-1] < numel):
+            raise ArtifactError(f"{path} holds {values.numel()} values for {prefix}weight but its mask does not "
+                                f"fit them: corrupt; convert the model again")
+        state[prefix + "positions"] = torch.from_numpy(positions.astype(np.int32, copy=False))
         state[prefix + "values"] = values
         state[prefix + SHAPE_KEY] = shape
     return state
+
+
+def _from_bits(bits: torch.Tensor, numel: int) -> np.ndarray | None:
+    bits = bits.numpy()
+    if bits.dtype != np.uint8 or bits.size * 8 < numel:
+        return None
+    return np.flatnonzero(np.unpackbits(bits, count=numel).view(bool))
+
+
+def _from_gaps(gaps: torch.Tensor, far: torch.Tensor | None, numel: int) -> np.ndarray | None:
+    """int32 positions from their gaps: ascending by construction (every step is at least 1), summed
+    in int32 once the total is known to fit the layer."""
+    if far is None or gaps.dtype != torch.uint8 or far.dtype != torch.int32 or gaps.dim() != 1:
+        return None
+    steps = gaps.numpy().astype(np.int32)
+    at = steps == FAR_GAP
+    if int(at.sum()) != far.numel() or (far < FAR_GAP).any():
+        return None
+    steps[at] = far.numpy()
+    steps += 1
+    if int(steps.sum(dtype=np.int64)) > numel:
+        return None
+    positions = np.cumsum(steps, dtype=np.int32)
+    positions -= 1
+    return positions
 
 
 def read_state(path: str | os.PathLike) -> dict:

@@ -28,6 +28,7 @@ torch.nn.modules and siftc.nn; output classes from transformers.modeling_outputs
 else is a one-line Refused naming it.
 """
 import builtins
+import contextlib
 import importlib
 import inspect
 import keyword
@@ -219,11 +220,17 @@ def _module_record(name: str, m: nn.Module) -> dict:
                 "buffers": {k: _tensor_spec(b) | {"persistent": k not in m._non_persistent_buffers_set}
                             for k, b in m._buffers.items()}}
     args = _constructor_args(name, m)
-    try:
-        _check_rebuilds(name, m, _build_args(cls, args))
+    try:  # rebuilt as loading rebuilds it (on the meta device, the state assigned): nothing materialised
+        new = _rebuild(cls, args, [k for k, p in m.named_parameters() if not p.requires_grad])
+        new.load_state_dict(m.state_dict(), assign=True)
+        _check_rebuilds(name, m, new)
     except Refused as e:
         raise NotData(f"module {name} {e}") from None
-    return {"name": name, "class": class_name(cls), "args": args}
+    except RuntimeError as e:
+        raise NotData(f"module {name} does not take its own state when rebuilt ({' '.join(str(e).split())[:200]})") \
+            from None
+    frozen = [k for k, p in m.named_parameters() if not p.requires_grad]
+    return {"name": name, "class": class_name(cls), "args": args, **({"frozen": frozen} if frozen else {})}
 
 
 def _tensor_spec(t) -> dict | None:
@@ -277,13 +284,34 @@ def _constructor_args(name: str, m: nn.Module) -> dict:
 EMPTY = {"nnz": 0}
 
 
-def _build_args(cls: type, args: dict, nodes=None) -> nn.Module:
+def _build_args(cls: type, args: dict, nodes=None, meta: bool = False) -> nn.Module:
+    """`cls(**args)`; with `meta`, its tensors on the meta device (see on_meta), unless it holds
+    buffers no state dict brings back (non-persistent), which are then built for real."""
     args = {k: decode(v, nodes or {}) for k, v in args.items()}
     try:
+        if meta:
+            with on_meta():
+                m = cls(**args)
+            if not any(sub._non_persistent_buffers_set for sub in m.modules()):
+                for sub in m.modules():
+                    if isinstance(sub._buffers.get("positions"), torch.Tensor):  # a sparse layer's: none yet,
+                        sub.positions = sub.positions.new_empty(0)  # as many as its values (see on_meta)
+                return m
         with torch.random.fork_rng():  # a constructor's init draws must not move the caller's RNG
             return cls(**args)
     except (TypeError, ValueError) as e:
         raise Refused(f"stores arguments {cls.__name__} does not take ({e})") from e
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Tensors created inside are on the meta device: shapes without memory or init (no dense draws of
+    a rebuilt layer), for `load_state_dict(assign=True)` to replace with the stored ones. A sparse
+    layer's constructor finds its positions with nonzero(), which a meta tensor answers only when told
+    to assume every entry non-zero; the count is the state dict's anyway."""
+    from torch.fx.experimental import _config
+    with torch.device("meta"), _config.patch(meta_nonzero_assume_all_nonzero=True):
+        yield
 
 
 def _check_rebuilds(name: str, m: nn.Module, new: nn.Module):
@@ -293,7 +321,9 @@ def _check_rebuilds(name: str, m: nn.Module, new: nn.Module):
             setattr(new, k, getattr(m, k))
     new.train(m.training)
     mine, theirs = m.state_dict(), new.state_dict()
-    same = type(new) is type(m) and repr(new) == repr(m) and list(mine) == list(theirs) and \
+    grads = [(k, p.requires_grad) for k, p in m.named_parameters()] == \
+        [(k, p.requires_grad) for k, p in new.named_parameters()]
+    same = type(new) is type(m) and repr(new) == repr(m) and list(mine) == list(theirs) and grads and \
         all(mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype for k in mine) and \
         all(_same(vars(m).get(k), v) for k, v in vars(new).items() if not k.startswith("_"))
     # (attributes the constructor sets; what a runtime caches on the layer later is not structure)
@@ -323,17 +353,20 @@ def _build_tree(rec: dict) -> nn.Module:
         object.__setattr__(m, k, decode(v, {}))
     for k, spec in rec.get("params", {}).items():
         m.register_parameter(k, None if spec is None else
-                             nn.Parameter(_empty(spec), requires_grad=bool(spec["requires_grad"])))
-    for k, spec in rec.get("buffers", {}).items():
-        m.register_buffer(k, None if spec is None else _empty(spec), persistent=bool(spec.get("persistent")))
+                             nn.Parameter(_empty(spec, "meta"), requires_grad=bool(spec["requires_grad"])))
+    for k, spec in rec.get("buffers", {}).items():  # a non-persistent one is not loaded: zeros, for real
+        persistent = bool(spec.get("persistent")) if spec else True
+        m.register_buffer(k, None if spec is None else _empty(spec, "meta" if persistent else "cpu"),
+                          persistent=persistent)
     return m
 
 
-def _empty(spec: dict) -> torch.Tensor:
+def _empty(spec: dict, device: str) -> torch.Tensor:
+    """A tensor of the spec's shape and dtype: on the meta device for the state dict to replace."""
     dtype = decode(spec["dtype"], {})
     if not isinstance(dtype, torch.dtype):
         raise Refused(f"holds a tensor of dtype {spec['dtype']}")
-    return torch.empty([int(s) for s in spec["shape"]], dtype=dtype)
+    return torch.zeros([int(s) for s in spec["shape"]], dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------ graph
@@ -446,7 +479,20 @@ def _build(rec: dict) -> nn.Module:
         return guard_data.from_data(rec)
     if "args" not in rec:
         return _build_tree(rec)
-    return _build_args(_args_class(rec), {**rec["args"], **{k: v for k, v in EMPTY.items() if k in rec["args"]}})
+    return _rebuild(_args_class(rec), rec["args"], rec.get("frozen", []))
+
+
+def _rebuild(cls: type, args: dict, frozen=()) -> nn.Module:
+    """`cls` from its stored arguments as loading builds it: on the meta device, a sparse layer with
+    no non-zeros yet, for the state dict to fill; the parameters named in `frozen` do not require grad
+    (load_state_dict(assign=True) keeps a parameter's flag)."""
+    m = _build_args(cls, {**args, **{k: v for k, v in EMPTY.items() if k in args}}, meta=True)
+    params = dict(m.named_parameters())
+    if not isinstance(frozen, list) or any(k not in params for k in frozen):
+        raise Refused(f"freezes parameters {str(frozen)[:80]} that {cls.__name__} does not have")
+    for k in frozen:
+        params[k].requires_grad_(False)
+    return m
 
 
 def _args_class(rec: dict) -> type:

@@ -143,5 +143,70 @@ def test_values_that_do_not_fit_the_mask_are_refused(tmp_path):
     meta = json.loads((art / "siftc.json").read_text())
     meta["sha256"]["weights.pt"] = file_sha256(art / "weights.pt")  # consistent checksums: only the count is off
     write_meta(art, meta)
-    with pytest.raises(ArtifactError, match=r"values for .*weight but its mask has .*corrupt"):
+    with pytest.raises(ArtifactError, match=r"values for .*weight but its mask does not fit them.*corrupt"):
         siftc.load(art)
+
+
+@pytest.mark.parametrize("sparsity, form", [(0.5, "mask@bits"), (0.9, "mask@gaps")])
+def test_positions_are_stored_as_mask_bits_or_gaps_and_round_trip(tmp_path, sparsity, form):
+    """At least 1/8 dense: the mask's bits; sparser: a byte per gap between non-zeros (cheaper to read)."""
+    gm = siftc.convert(MLP, "parallel", sparsity)
+    art = siftc.save(gm, tmp_path / "art")
+    state = torch.load(art / "weights.pt", weights_only=True)
+    assert any(k.endswith(form) for k in state) and not any(k.endswith("positions") for k in state)
+    again = siftc.load(art)
+    for (k, a), (k2, b) in zip(sorted(gm.state_dict().items()), sorted(again.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("edit", ["far", "past_the_end"])
+def test_gaps_that_do_not_fit_the_layer_are_refused(tmp_path, edit):
+    art = siftc.save(siftc.convert(MLP, "parallel", 0.9), tmp_path / "art")
+    state = torch.load(art / "weights.pt", weights_only=True)
+    key = next(k for k in state if k.endswith("mask@gaps"))
+    if edit == "far":  # a gap marked far with no size for it
+        state[key][0] = 255
+    else:  # the last gap reaches past the layer's dense entries
+        state[key][-1] = 254
+        state[key][:-1] = 254
+    torch.save(state, art / "weights.pt")
+    meta = json.loads((art / "siftc.json").read_text())
+    meta["sha256"]["weights.pt"] = file_sha256(art / "weights.pt")
+    write_meta(art, meta)
+    with pytest.raises(ArtifactError, match=r"values for .*weight but its mask does not fit them.*corrupt"):
+        siftc.load(art)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_and_frozen_parameters_round_trip(tmp_path, dtype):
+    """A model cast to another dtype, with a frozen dense and a frozen sparse parameter, loads from
+    graph.json with the same dtypes, the same requires_grad flags and the same outputs."""
+    gm = siftc.convert(MLP, "doped", 0.9, seed=1).to(dtype)
+    sparse = next(m for m in gm.modules() if isinstance(m, SPARSE_LAYERS))
+    sparse.values.requires_grad_(False)
+    dense = next(m for m in gm.modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, SPARSE_LAYERS))
+    dense.weight.requires_grad_(False)
+    art = siftc.save(gm, tmp_path / "art")
+    assert json.loads((art / "siftc.json").read_text())["needs_source"] is None
+    again = siftc.load(art)
+    mine, theirs = dict(gm.named_parameters()), dict(again.named_parameters())
+    assert list(mine) == list(theirs)
+    assert [(p.dtype, p.requires_grad) for p in mine.values()] == [(p.dtype, p.requires_grad) for p in theirs.values()]
+    assert sum(not p.requires_grad for p in theirs.values()) == 2
+    assert all(b.dtype == a.dtype for a, b in zip(gm.buffers(), again.buffers()))
+    x = torch.randn(4, 64, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), gm.eval()(x))
+
+
+@pytest.mark.parametrize("edit", ["dense", "sparse"])
+def test_a_layer_its_arguments_do_not_rebuild_is_not_stored_as_data(tmp_path, edit):
+    """The save check rebuilds each layer as loading will (meta device, state assigned) and compares:
+    a layer whose recorded arguments give another shape makes the artifact need its source."""
+    gm = siftc.convert(MLP, "parallel", 0.9, seed=1)
+    kind = SPARSE_LAYERS if edit == "sparse" else torch.nn.Linear
+    layer = next(m for m in gm.modules() if isinstance(m, kind) and (edit == "sparse") == isinstance(m, SPARSE_LAYERS))
+    layer.in_features += 1  # what the constructor would be called with no longer fits the weights
+    meta = json.loads((siftc.save(gm, tmp_path / "art") / "siftc.json").read_text())
+    assert meta["needs_source"] and ("does not take its own state" in meta["needs_source"] or
+                                     "does not rebuild" in meta["needs_source"]), meta["needs_source"]
