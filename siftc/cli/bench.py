@@ -4,9 +4,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from siftc.artifact import trusting
 from siftc.bench.engine import ENGINES
 from siftc.bench.runner import DEFAULT_TIME_S, BenchConfig
-from siftc.cli.options import defaults
+from siftc.cli.options import defaults, trust_source_option
 from siftc.config import ConvertConfig
 from siftc.export import DEFAULT_OPSET
 from siftc.passes import KINDS
@@ -65,9 +66,10 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--dynamic-batch", is_flag=True, help="With --sweep: export a free batch dimension.")
 @click.option("--force", is_flag=True, help="Replace --json/--plot files siftc wrote; with --sweep, also rebuild "
               "every point even if up to date.")
+@trust_source_option
 @click.pass_context
 def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations, turns, baseline, json_out,
-              plot_out, sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force):
+              plot_out, sweep_model, kind, sparsities, out_dir, round_to, opset, dynamic_batch, force, trust_source):
     """Benchmark MODELS (.onnx files) on each engine with the same inputs, after warm-up, in turns.
 
     Reports p50/p90/p99/mean latency, items/s and threads per (model, engine, batch), and for
@@ -131,11 +133,13 @@ def bench_cmd(ctx, models, engines, batches, threads, warmup, time_s, iterations
         if sweep_model:
             from siftc.bench.sweep import run_sweep
             stem = Path(sweep_model.partition(":")[0]).stem + (f"-{sweep_model.partition(':')[2]}" if ":" in sweep_model else "")
-            result = run_sweep(sweep_model, kind, _floats(sparsities), Path(out_dir or f"sweep-{stem}-{kind}"), cfg,
-                               opset=opset, round_to=round_to,
-                               dynamic_batch=dynamic_batch, force=force, progress=progress, step=step)
+            with trusting(True):  # --sweep converts the model file it names: the torch engine may rebuild it
+                result = run_sweep(sweep_model, kind, _floats(sparsities), Path(out_dir or f"sweep-{stem}-{kind}"),
+                                   cfg, opset=opset, round_to=round_to,
+                                   dynamic_batch=dynamic_batch, force=force, progress=progress, step=step)
         else:
-            result = bench(models, cfg, progress=progress, baseline=baseline)
+            with trusting(trust_source):  # the torch engine may import a model file a sidecar names
+                result = bench(models, cfg, progress=progress, baseline=baseline)
     print_results(result)
     if json_out:
         check_output(json_out, force, want=FORMAT, inputs=reads)  # again: the run took a while
