@@ -22,8 +22,9 @@ import torch
 from siftc.errors import SiftcError
 
 CSRC = Path(__file__).parent / "csrc"
-LIBRARIES = {"siftc_native": ["sparse_ops.cpp"], "siftc_block": ["block_ops.cpp"]}
-"""Library name -> its sources in csrc/ (siftc_block: the block / N:M kernels, loaded by siftc.runtime.block)."""
+LIBRARIES = {"siftc_native": ["sparse_ops.cpp"], "siftc_block": ["block_ops.cpp", "block_conv.cpp"]}
+"""Library name -> its sources in csrc/ (siftc_block: the block / N:M Linear and Conv2d kernels, loaded by
+siftc.runtime.block and siftc.runtime.block_conv)."""
 NAME = "siftc_native"
 SOURCES = [CSRC / s for s in LIBRARIES[NAME]]
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
