@@ -2,7 +2,9 @@
 
     onnx checker          the file is valid ONNX
     check_outputs         ONNX Runtime's outputs against PyTorch's, within ATOL + RTOL*|y| elementwise
-    check_sparsity        each sparse weight, as stored in the file, is exactly zero off the model's mask
+    check_sparsity        each sparse weight, as stored in the file, is exactly zero off the model's mask,
+                          and a structured layer's mask has its pattern's structure (the folded layer's
+                          `pattern`, siftc.sparse.patterns.check_structure), so the file's zeros do too
     check_layer_outputs   only when the model's outputs do not vary with its inputs (so a wrong file
                           would give the same outputs): each weight layer's output (the sparse ones and
                           the dense), exposed as an extra output of the file's own graph, against
@@ -110,12 +112,15 @@ def check_outputs(path, folded: nn.Module, inputs: tuple, atol=ATOL, rtol=RTOL, 
 def check_sparsity(model, folded: nn.Module, masks: dict, path="model") -> list[dict]:
     """Each masked weight as stored in the file: found by its values on the mask (as is or
     transposed, which is how a Linear's weight lands in a MatMul), then required to be exactly zero
-    off the mask. Returns one record per sparse layer: name, initializer, shape, nnz, density."""
+    off the mask, whose structure must be the layer's pattern's. Returns one record per sparse layer:
+    name, initializer, shape, nnz, density (and pattern, when structured)."""
     inits = _initializers(model)
     records = []
     for name, mask in masks.items():
-        w = folded.get_submodule(name).weight.detach().numpy()
+        layer = folded.get_submodule(name)
+        w = layer.weight.detach().numpy()
         m = mask.numpy()
+        pattern = _check_pattern(layer, mask, name, path)
         found = _stored_weight(inits, name, w, m)
         if found is None:
             raise ExportCheckError(f"{path}: no initializer stores the weight of sparse layer {name} "
@@ -128,8 +133,23 @@ def check_sparsity(model, folded: nn.Module, masks: dict, path="model") -> list[
                                    f"{int(cmask.sum())}); the file is not the model's sparse weight")
         nnz = int(np.count_nonzero(arr))
         records.append({"name": name, "initializer": init_name, "shape": list(w.shape), "nnz": nnz,
-                        "mask_nnz": int(m.sum()), "density": nnz / arr.size})
+                        "mask_nnz": int(m.sum()), "density": nnz / arr.size, **pattern})
     return records
+
+
+def _check_pattern(layer: nn.Module, mask: torch.Tensor, name: str, path) -> dict:
+    """{"pattern": text} when the folded `layer` records a structured pattern its `mask` has, {} when
+    it records none; ExportCheckError naming the layer when the mask lacks the structure."""
+    from siftc.sparse.patterns import check_structure
+    pattern = getattr(layer, "pattern", None)
+    if pattern is None or not pattern.structured:
+        return {}
+    wrong = check_structure(mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape), pattern)
+    if wrong:
+        raise ExportCheckError(f"{path}: sparse layer {name} has pattern {pattern} but its mask does not: "
+                               f"{wrong}; the model's mask was changed outside siftc (impose the pattern "
+                               f"again with siftc.sparse.impose_pattern)")
+    return {"pattern": str(pattern)}
 
 
 def _initializers(model) -> dict:

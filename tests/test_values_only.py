@@ -26,7 +26,7 @@ def test_a_huge_sparse_layer_stores_only_its_non_zeros():
     # 1.6e9 dense entries (6.4 GB as fp32, 1.6 GB as a boolean mask): neither is ever made
     layer = SparseLinear(40_000, 40_000, nnz=10_000, generator=torch.Generator().manual_seed(0))
     assert layer.weight_shape == (40_000, 40_000) and layer.nnz == 10_000
-    assert stored(layer) == 10_000 + 10_000 + 40_000 + 2  # values, positions, bias, weight_shape
+    assert stored(layer) == 10_000 + 10_000 + 40_000 + 2 + 5  # values, positions, bias, weight_shape, pattern
     pos = layer.positions.long()
     assert pos.unique().numel() == 10_000 and bool((pos[1:] > pos[:-1]).all())
     assert 0 <= int(pos[0]) and int(pos[-1]) < 40_000 ** 2

@@ -12,6 +12,12 @@ Positions change only through `set_mask` / `set_positions`, which bump `mask_ver
 caches index structures (CSR, per-layer timings) knows to rebuild them. A state dict holding a dense
 `weight` (an artifact or checkpoint of the dense-shaped format, or a dense layer's weights) loads too: it
 is packed at its `mask` if it has one, else at the layer's positions.
+
+A layer may carry a sparsity pattern, `layer.pattern` (a siftc.sparse.patterns.Pattern; None is
+unstructured), which siftc.sparse.impose_pattern sets and the schedulers keep: `set_positions` refuses
+positions without its structure, and the state dict holds it (`<name>.pattern`, five numbers) so
+artifacts and checkpoints load it back; a state dict that brings its own positions and no pattern (an
+older file) makes the layer unstructured.
 """
 import math
 from contextlib import contextmanager
@@ -114,6 +120,7 @@ def _draw_distinct(n: int, k: int, generator) -> torch.Tensor:
 
 class _SparseMixin:
     backend: str = "torch"
+    pattern = None  # a siftc.sparse.patterns.Pattern when structured (module docstring)
 
     def _init_sparse(self, nnz: int | None, generator: torch.Generator | None):
         """After the base __init__ ran on the meta device: drop its dense weight, hold values + positions."""
@@ -183,8 +190,13 @@ class _SparseMixin:
         keeps its value, a new one starts at exactly zero. Returns (src, kept): new entry i was old entry
         src[i] if kept[i], which is how per-parameter state (optimizer moments) follows the values.
         With an unchanged count, `values` and `positions` are updated in place (an optimizer holding
-        `values` stays valid)."""
+        `values` stays valid). A structured layer takes only positions with its `pattern`'s structure
+        (ValueError otherwise; set `layer.pattern = None` first to make it unstructured)."""
         new = positions.to(device=self.positions.device, dtype=torch.long)
+        wrong = self._structure_error(new)
+        if wrong:
+            raise ValueError(f"{type(self).__name__} {self.weight_shape} with pattern {self.pattern}: the new "
+                             f"positions do not have it: {wrong}")
         src, kept = match_positions(self.positions.long(), new)
         values = torch.where(kept, self.values[src], 0) if self.nnz else self.values.new_zeros(new.numel())
         if new.numel() == self.nnz:
@@ -196,9 +208,17 @@ class _SparseMixin:
         self.mask_version += 1
         return src, kept
 
+    def _structure_error(self, positions: torch.Tensor) -> str | None:
+        """What keeps `positions` from having this layer's pattern, in a line; None if they have it."""
+        if self.pattern is None or not self.pattern.structured:
+            return None
+        from siftc.sparse.patterns import check_structure  # siftc.sparse imports this module
+        return check_structure(positions, self.weight_shape, self.pattern)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight_shape"] = torch.tensor(self.weight_shape, dtype=torch.int64)
+        destination[prefix + PATTERN_KEY] = _pattern_data(self.pattern)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -206,6 +226,12 @@ class _SparseMixin:
         if shape is not None and tuple(shape.tolist()) != self.weight_shape:
             error_msgs.append(f"size mismatch for {prefix}weight: the checkpoint's dense shape is "
                               f"{tuple(shape.tolist())}, this layer's {self.weight_shape}")
+            return
+        try:
+            pattern = _pattern_of(state_dict.pop(prefix + PATTERN_KEY, None), self.pattern,
+                                  prefix + "positions" in state_dict or prefix + "mask" in state_dict)
+        except UsageError as e:
+            error_msgs.append(f"{prefix}{PATTERN_KEY}: {e}")
             return
         dense = state_dict.pop(prefix + "weight", None)
         mask = state_dict.pop(prefix + "mask", None)
@@ -220,20 +246,50 @@ class _SparseMixin:
             self.positions = self.positions.new_empty(values.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.pattern = pattern
+        wrong = self._structure_error(self.positions)
+        if wrong:
+            error_msgs.append(f"{prefix}positions do not have the layer's pattern {pattern}: {wrong}")
         self.mask_version += 1  # loaded positions are a new mask for any cached index structure
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, density={self.density:.4f}, backend={self.backend}"
+        pattern = f", pattern={self.pattern}" if self.pattern is not None and self.pattern.structured else ""
+        return f"{super().extra_repr()}, density={self.density:.4f}{pattern}, backend={self.backend}"
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """The plain layer (nn.Linear, nn.Conv1d, nn.Conv2d) with the mask folded in (exact zeros), for
-        export."""
+        export; it keeps the layer's `pattern` as an attribute, for the export's structure check."""
         out = self._dense_twin().to(self.values.dtype)
+        out.pattern = self.pattern
         out.weight.copy_(self.weight)
         if self.bias is not None:
             out.bias.copy_(self.bias)
         return out
+
+
+PATTERN_KEY = "pattern"  # a layer's pattern in its state dict: (rows, cols, n, m, transposable) int64
+
+
+def _pattern_data(pattern) -> torch.Tensor:
+    """(5,) int64: a pattern as plain numbers, the same shape for every pattern (the artifact's graph
+    data rebuilds a layer and compares its state's keys and shapes); unstructured is (1, 1, 0, 0, 0)."""
+    p = (pattern.rows, pattern.cols, pattern.n, pattern.m, pattern.transposable) if pattern else (1, 1, 0, 0, 0)
+    return torch.tensor(p, dtype=torch.int64)
+
+
+def _pattern_of(stored: torch.Tensor | None, current, own_positions: bool):
+    """The pattern a layer has after loading a state dict: the stored one (None when unstructured),
+    else none if the state dict brings its own positions (a format without patterns), else `current`."""
+    if stored is None:
+        return None if own_positions else current
+    from siftc.sparse.patterns import Pattern  # siftc.sparse imports this module
+    if stored.dtype != torch.int64 or tuple(stored.shape) != (5,):
+        raise UsageError(f"a stored sparsity pattern is 5 int64 numbers, not {stored.dtype} of shape "
+                         f"{tuple(stored.shape)}; the file is corrupt")
+    rows, cols, n, m, t = stored.tolist()
+    pattern = Pattern.nm(n, m, bool(t)) if n else Pattern.block(rows, cols)
+    return pattern if pattern.structured else None
 
 
 def match_positions(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

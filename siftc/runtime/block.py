@@ -66,15 +66,25 @@ class BlockIndex:
         return flat.new_empty(flat.shape).index_put((self.perm,), flat)
 
 
-def block_shape(pattern) -> tuple[int, int]:
+def kernel_block(pattern) -> tuple[int, int] | None:
     """(R, C) of the kernels' blocks for a pattern (a siftc.sparse.patterns.Pattern or its text): a block
-    pattern's own, (1, 1) for N:M."""
+    pattern's own, (1, 1) for N:M; None for a pattern the kernels do not take (unstructured too)."""
     from siftc.sparse.patterns import Pattern
     p = pattern if isinstance(pattern, Pattern) else Pattern.parse(str(pattern))
     if p.kind == "nm":
         return 1, 1
     if p.kind == "block" and (p.rows, p.cols) in BLOCKS:
         return p.rows, p.cols
+    return None
+
+
+def block_shape(pattern) -> tuple[int, int]:
+    """`kernel_block(pattern)`, or a one-line UsageError for a pattern the kernels do not take."""
+    rc = kernel_block(pattern)
+    if rc is not None:
+        return rc
+    from siftc.sparse.patterns import Pattern
+    p = pattern if isinstance(pattern, Pattern) else Pattern.parse(str(pattern))
     raise UsageError(f"the block kernels take block:{', block:'.join(f'{r}x{c}' for r, c in BLOCKS)} and nm:N:M "
                      f"patterns, not {p}; use --backend native (unstructured kernels) or torch for it")
 

@@ -1,6 +1,13 @@
 """The "native" backend: SparseLinear / SparseConv2d / SparseConv1d on siftc's C++ kernels (SparseProp's
 algorithm; a Conv1d runs as a Conv2d with a (1, k) kernel over a height-1 input).
 
+A SparseLinear with a structured `pattern` the block kernels take (block:4x1/8x1/16x1/1x4/4x4, any nm:N:M;
+siftc.runtime.block) runs on them instead: its `values` are gathered into block order each forward
+(`BlockIndex.to_blocks`, O(nnz)), so autograd scatters the blocks' gradient back into `values` order and
+`values.grad` is (nnz,) as on the unstructured kernels. The block index is cached per mask version like
+the unstructured one. Other patterns (block:2x1, block:8x8, ...) and every conv, patterned or not, run on
+the unstructured kernels: block conv kernels are not built yet.
+
 The kernels read the layer's `values` (nnz,) where they are and write the weight gradient only at the
 non-zeros: `values.grad` comes back (nnz,) from the op, and no weight-shaped tensor is made in a forward
 or a backward (see csrc/sparse_ops.cpp). Per layer this backend caches the index built from
@@ -20,7 +27,7 @@ import weakref
 
 import torch
 
-from siftc.runtime import build
+from siftc.runtime import block, build
 from siftc.runtime._ops import batch_pad
 from siftc.runtime.masked import MaskedDense
 
@@ -49,19 +56,34 @@ class Native:
     name = "native"
 
     def __init__(self):
-        self._index = weakref.WeakKeyDictionary()  # layer -> {"version": int, (panel, transpose): tensors}
-        self._fallback = MaskedDense()
+        self._index = weakref.WeakKeyDictionary()  # layer -> {"version": int, (panel, transpose): tensors,
+        self._fallback = MaskedDense()             #          "block": BlockIndex}
 
-    def index(self, layer, panel: int, transpose: bool):
-        """(ptr, code, widx) for `layer`'s current positions, built once per mask version and panel width."""
+    def _entry(self, layer) -> dict:
+        """The layer's cache for its current mask version (a new, empty one after a mask change)."""
         entry = self._index.get(layer)
         if entry is None or entry["version"] != layer.mask_version:
             entry = {"version": layer.mask_version}
             self._index[layer] = entry
-        key = (panel, transpose)
+        return entry
+
+    def index(self, layer, panel: int, transpose: bool):
+        """(ptr, code, widx) for `layer`'s current positions, built once per mask version and panel width."""
+        entry, key = self._entry(layer), (panel, transpose)
         if key not in entry:
             entry[key] = torch.ops.siftc.build_index(layer.positions, list(layer.weight_shape), panel, transpose)
         return entry[key]
+
+    def block_index(self, layer) -> "block.BlockIndex | None":
+        """The block kernels' index for a Linear whose pattern they take, once per mask version; None
+        for any other layer (it runs on the unstructured kernels)."""
+        pattern = getattr(layer, "pattern", None)
+        if pattern is None or block.kernel_block(pattern) is None:
+            return None
+        entry = self._entry(layer)
+        if "block" not in entry:
+            entry["block"] = block.index(layer.positions, layer.weight_shape, pattern)
+        return entry["block"]
 
     def indexes(self, layer, panel: int, tpanel: int) -> tuple:
         """The nine index tensors the ops take: forward (panel groups per column panel), grad input (the
@@ -72,6 +94,9 @@ class Native:
     def linear(self, layer, x):  # (*, in) -> (*, out)
         if not supported(layer, x):
             return self._fallback.linear(layer, x)
+        ix = self.block_index(layer)
+        if ix is not None:  # (nnz,) values -> (nblocks, R, C) blocks, differentiably
+            return block.linear(x, ix.to_blocks(layer.values), ix, layer.bias)
         build.load()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         chunk = min(batch_pad(x2.shape[0]), VECTOR_FLOATS) * x.element_size()
