@@ -4,7 +4,8 @@ The first call of a layer with a given input shape (and mask version) times forw
 candidates on copies of the input (the layer's own gradients are not touched), keeps the faster, and
 records the timings in `AutoBackend.choices[layer]` and on the layer as `layer.auto_choice`. Later calls
 with that shape go straight to the chosen backend. If the native kernels cannot be built here, every
-layer runs on "torch" and the record says why.
+layer runs on "torch" and the record says why. For a Linear with a structured pattern the block
+kernels take, "native" is those kernels (siftc.runtime.native), so auto weighs them against masked dense.
 
 The choices are part of a training checkpoint (`choices_of` / `restore`, plain data keyed by the layer's
 qualified name and the input's shape and dtype): native and torch round differently, so a resumed run

@@ -78,7 +78,7 @@ class Native:
         """The block kernels' index for a Linear whose pattern they take, once per mask version; None
         for any other layer (it runs on the unstructured kernels)."""
         pattern = getattr(layer, "pattern", None)
-        if pattern is None or block.kernel_block(pattern) is None:
+        if pattern is None or len(layer.weight_shape) != 2 or block.kernel_block(pattern) is None:
             return None
         entry = self._entry(layer)
         if "block" not in entry:
