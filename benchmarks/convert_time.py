@@ -16,6 +16,7 @@ artifact under 0.3 s (issue 14).
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -98,7 +99,7 @@ def main(argv=None):
     rows = []
     print(f"siftc.convert and siftc.load at sparsity {SPARSITY}: median of {args.reps} (s), torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'model':<20}" + "".join(f"{k + ' s, ratio, load s':>24}" for k in kinds))
+    print(f"{'model':<20}" + "".join(f"{k + ' s, ratio, load s':>30}" for k in kinds))
     for spec in specs:
         if spec in HF:
             name, (model, inputs) = spec, globals()[spec]()
@@ -111,12 +112,12 @@ def main(argv=None):
                 times, ratio, loads = time_convert(model, inputs, kind, args.reps)
             except SiftcError as e:  # a kind the model cannot take at this sparsity: say why, go on
                 rows.append({"model": name, "kind": kind, "error": str(e)})
-                cells.append(f"{'n/a':>24}")
+                cells.append(f"{'n/a':>30}")
                 continue
             rows.append({"model": name, "kind": kind, "median_s": statistics.median(times), "times_s": times,
                          "flop_ratio": ratio, "load_median_s": statistics.median(loads), "load_times_s": loads,
-                         "reps": args.reps})
-            cells.append(f"{statistics.median(times):>9.3f} {ratio:.4f} {statistics.median(loads):>6.3f}")
+                         "reps": args.reps, "loadavg_1min": os.getloadavg()[0]})  # others' work on the machine
+            cells.append(f"{statistics.median(times):>15.3f} {ratio:.4f} {statistics.median(loads):>6.3f}")
         print(f"{name:<20}" + "".join(cells), flush=True)
         del model
     for r in rows:
