@@ -137,7 +137,7 @@ def test_a_named_factory_settles_several(tmp_path, models):
     (["--sparsity", "1"], [r"--sparsity.*1\.0 is outside \[0, 1\)", r"--sparsity 0\.9", r"convert --help"]),
     (["--sparsity", "-0.1"], [r"-0\.1 is outside \[0, 1\)"]),
     (["--sparsity", "nan"], [r"nan is outside \[0, 1\)"]),
-    (["--kind", "sparse"], [r"'sparse' is not one of 'wide', 'parallel', 'factorized', 'doped'"]),
+    (["--kind", "dense"], [r"'dense' is not one of 'wide', 'parallel', 'factorized', 'doped', 'sparse'"]),
     (["--input-shape", "1,3,32,32"], [r"input of shape \(1, 3, 32, 32\) does not fit the model at net\.0 "
                                       r"\(Linear\): mat1 and mat2", r"pass --input-shape"]),
     (["--input-shape", "1,x"], [r"--input-shape '1,x' is not a shape"]),
