@@ -134,6 +134,31 @@ def test_sigterm_under_torchrun_checkpoints_once_and_resumes_equal(work, tmp_pat
     assert_same_model(ref, run)  # untouched
 
 
+def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(work, tmp_path):
+    """Two nodes started with different seeds: the rank that sees the difference says so, rank 0 says
+    which rank could not start, both exit 2, and the run directory rank 0 had made is gone again."""
+    run, port = tmp_path / "run", free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "siftc-seeds",
+              "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    agents = [subprocess.Popen(siftc_under_torchrun([*common, "--node-rank", str(node), "--rdzv-conf",
+                                                     f"is_host={int(node == 0)}"], work, run, "--steps=2",
+                                                    f"--seed={node}", "--backend=torch"),
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for node in (0, 1)]
+    try:
+        ended = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    errors = sorted(l for _, err in ended for l in err.splitlines() if l.startswith("siftc:"))
+    differ = r"rank 1 was started with seed=(\d), rank 0 with (\d); start every node with the same siftc command"
+    assert len(errors) == 2 and re.fullmatch(f"siftc: error: rank 1 cannot start: {differ}", errors[0]), errors
+    assert re.fullmatch(f"siftc: error: {differ}", errors[1]), errors
+    assert all(a.returncode != 0 for a in agents)
+    assert re.findall(r"exitcode\s+: (\d+)", "".join(err for _, err in ended)) == ["2", "2"]
+    assert not run.exists()
+
+
 LAUNCHED = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
 
 

@@ -28,6 +28,7 @@ import shutil
 import signal
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from siftc.nn.sparse import set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import METHODS, apply, distribute, sparse_layers
 from siftc.artifact import FORMAT as ARTIFACT, unpack_state
-from siftc.store import check_output, file_sha256, os_errors, run_lock, verify_digest, write_json
+from siftc.store import LOCK, check_output, file_sha256, os_errors, run_lock, verify_digest, write_json
 from siftc.train import checkpoint, data as data_mod
 from siftc.train.checkpoint import RUN_FORMAT as RUN
 from siftc.train.config import OPTIMIZERS, TrainConfig
@@ -202,11 +203,19 @@ def _new_run(cfg: TrainConfig, force: bool):
     check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))  # before the (slow) loading
     prepared = prepare(cfg)
     check_output(out, force, want=RUN, inputs=(cfg.artifact, cfg.data))  # again: it may have changed
+    made, begun = not os.path.lexists(out), []
     with os_errors(out):
         out.mkdir(parents=True, exist_ok=True)  # to hold the lock; start() fills it
-    with run_lock(out):
-        digests = input_digests(cfg)
-        yield _Claim(cfg, prepared, None, digests, lambda: start(cfg, force, digests))
+    try:
+        with run_lock(out):
+            digests = input_digests(cfg)
+            yield _Claim(cfg, prepared, None, digests, lambda: begun.append(True) or start(cfg, force, digests))
+    except BaseException:
+        if made and not begun:  # stopped before the run began (another rank could not start): as it was
+            with contextlib.suppress(OSError):
+                (out / LOCK).unlink()
+                out.rmdir()
+        raise
 
 
 @contextmanager
