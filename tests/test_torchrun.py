@@ -41,19 +41,14 @@ def losses(run) -> list:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_torchrun_nodes_equal_nproc_2(work, tmp_path):
-    """Two agents on 127.0.0.1, one process each, c10d rendezvous: the run trains, every rank's weights
-    and masks agree bit for bit (the loop's rank check, which fails the run on any difference), and rank
-    0's saved model equals that of a --nproc 2 run with the same seed, tensor for tensor."""
-    ref = tmp_path / "nproc2"
-    train(TrainConfig(str(work / "clf"), str(work / "data.npz"), str(ref), steps=20, nproc=2, **ARGS))
-
-    run, port = tmp_path / "two-nodes", free_port()
+def two_nodes(work, run, args_of) -> list:
+    """Two torchrun agents on 127.0.0.1 as two nodes of one process each (c10d rendezvous on a free
+    port; node 0 hosts it), running `siftc train` with args_of(node), at once; [(exit code, stdout,
+    stderr)] of each agent."""
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "siftc-test",
-              "--rdzv-endpoint", f"127.0.0.1:{port}"]
+              "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     agents = [subprocess.Popen(siftc_under_torchrun([*common, "--node-rank", str(node), "--rdzv-conf",
-                                                     f"is_host={int(node == 0)}"], work, run, "--steps=20",
-                                                    *flags(**ARGS)),
+                                                     f"is_host={int(node == 0)}"], work, run, *args_of(node)),
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for node in (0, 1)]
     try:
@@ -61,9 +56,21 @@ def test_two_torchrun_nodes_equal_nproc_2(work, tmp_path):
     finally:
         for agent in agents:
             agent.kill()
-    for agent, (out, err) in zip(agents, ended):
-        assert agent.returncode == 0, err
-    summaries = [out for out, _ in ended if "rigl: 20 steps" in out]
+    return [(agent.returncode, out, err) for agent, (out, err) in zip(agents, ended)]
+
+
+def test_two_torchrun_nodes_equal_nproc_2(work, tmp_path):
+    """Two agents on 127.0.0.1, one process each, c10d rendezvous: the run trains, every rank's weights
+    and masks agree bit for bit (the loop's rank check, which fails the run on any difference), and rank
+    0's saved model equals that of a --nproc 2 run with the same seed, tensor for tensor."""
+    ref = tmp_path / "nproc2"
+    train(TrainConfig(str(work / "clf"), str(work / "data.npz"), str(ref), steps=20, nproc=2, **ARGS))
+
+    run = tmp_path / "two-nodes"
+    ended = two_nodes(work, run, lambda node: ["--steps=20", *flags(**ARGS)])
+    for code, _, err in ended:
+        assert code == 0, err
+    summaries = [out for _, out, _ in ended if "rigl: 20 steps" in out]
     assert len(summaries) == 1, ended  # rank 0's agent prints the summary; the other node prints nothing
 
     want, got = read_state(ref / "model"), read_state(run / "model")
@@ -137,25 +144,14 @@ def test_sigterm_under_torchrun_checkpoints_once_and_resumes_equal(work, tmp_pat
 def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(work, tmp_path):
     """Two nodes started with different seeds: the rank that sees the difference says so, rank 0 says
     which rank could not start, both exit 2, and the run directory rank 0 had made is gone again."""
-    run, port = tmp_path / "run", free_port()
-    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "siftc-seeds",
-              "--rdzv-endpoint", f"127.0.0.1:{port}"]
-    agents = [subprocess.Popen(siftc_under_torchrun([*common, "--node-rank", str(node), "--rdzv-conf",
-                                                     f"is_host={int(node == 0)}"], work, run, "--steps=2",
-                                                    f"--seed={node}", "--backend=torch"),
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for node in (0, 1)]
-    try:
-        ended = [agent.communicate(timeout=300) for agent in agents]
-    finally:
-        for agent in agents:
-            agent.kill()
-    errors = sorted(l for _, err in ended for l in err.splitlines() if l.startswith("siftc:"))
+    run = tmp_path / "run"
+    ended = two_nodes(work, run, lambda node: ["--steps=2", f"--seed={node}", "--backend=torch"])
+    errors = sorted(l for _, _, err in ended for l in err.splitlines() if l.startswith("siftc:"))
     differ = r"rank 1 was started with seed=(\d), rank 0 with (\d); start every node with the same siftc command"
     assert len(errors) == 2 and re.fullmatch(f"siftc: error: rank 1 cannot start: {differ}", errors[0]), errors
     assert re.fullmatch(f"siftc: error: {differ}", errors[1]), errors
-    assert all(a.returncode != 0 for a in agents)
-    assert re.findall(r"exitcode\s+: (\d+)", "".join(err for _, err in ended)) == ["2", "2"]
+    assert all(code != 0 for code, _, _ in ended)
+    assert re.findall(r"exitcode\s+: (\d+)", "".join(err for _, _, err in ended)) == ["2", "2"]
     assert not run.exists()
 
 
