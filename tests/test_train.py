@@ -325,3 +325,19 @@ def test_rigl_on_native_runtime_matches_masked_dense(work, tmp_path):
     assert any(not torch.equal(runs["native"][k], initial[k]) for k in masks)  # RigL moved them
     for k, want in runs["torch"].items():
         torch.testing.assert_close(runs["native"][k], want, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_batch_norm_statistics_agree_across_ranks(work, tmp_path):
+    """Each rank normalises its own slice of the batch; the running statistics are averaged after every
+    step, so the ranks agree bit for bit (the end-of-run check) and the run finishes (it stopped with
+    'rank 1 diverged from rank 0 at 1.running_mean' before)."""
+    (tmp_path / "bn.py").write_text(CLASSIFIER.replace("nn.Linear(64, 48), nn.ReLU()",
+                                                       "nn.Linear(64, 48), nn.BatchNorm1d(48), nn.ReLU()")
+                                    .replace("torch.randn(1, 64)", "torch.randn(2, 64)"))
+    siftc.save(siftc.convert(str(tmp_path / "bn.py"), "parallel", 0.5), tmp_path / "bn")
+    summary = train(TrainConfig(str(tmp_path / "bn"), str(work / "data.npz"), str(tmp_path / "run"), method="static",
+                                steps=4, batch_size=16, backend="torch", nproc=2, threads=1))
+    assert summary["steps"] == 4
+    state = read_state(tmp_path / "run" / "model")
+    initial = read_state(tmp_path / "bn")
+    assert not torch.equal(state["1.running_mean"], initial["1.running_mean"])  # the statistics moved

@@ -309,6 +309,8 @@ def run(cfg: TrainConfig, run_id: str, progress=None, rank: int = 0, world: int 
             optimizer.step()
             record = sched.step()
             lr_sched.step()
+            if world > 1:
+                _average_norm_statistics(model, world)
             done = step + 1
             window, n_window = window + value, n_window + 1
             if record and lead:
@@ -508,6 +510,21 @@ def _restore(model, optimizer, sched, lr_sched, state, rank, out):
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{out / 'checkpoint.pt'}: its auto-backend choices do not fit this run's model "
                          f"({e}); delete it to restart from step 0") from e
+
+
+def _average_norm_statistics(model, world: int):
+    """BatchNorm's running mean and variance, averaged over the ranks after every step: each rank
+    normalised its own slice of the batch, and ranks that disagree would checkpoint one rank's view
+    (one all-reduce of the per-channel statistics a step: small beside the gradients')."""
+    stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    if not stats:
+        return
+    flat = torch.cat([b.reshape(-1) for b in stats])  # (sum of channels,)
+    dist.all_reduce(flat)
+    flat /= world
+    for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
+        b.copy_(mean.view_as(b))
 
 
 def _check_ranks_agree(model):
