@@ -11,7 +11,7 @@ from torch import nn
 import siftc
 from siftc.artifact import pack_state, unpack_state
 from siftc.export_checks import ExportCheckError
-from siftc.nn.sparse import SparseConv2d, SparseLinear, set_backend
+from siftc.nn.sparse import SparseConv1d, SparseConv2d, SparseLinear, set_backend
 from siftc.runtime import BACKENDS
 from siftc.sparse import RigL, SET, Pattern, check_structure, impose_pattern, sparse_layers
 from siftc.train.checkpoint import model_state
@@ -58,17 +58,32 @@ def test_native_block_kernels_equal_masked_dense(pattern, batch):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_patterns_the_block_kernels_lack_and_convs_run_unstructured_native():
-    linear = patterned_linear("block:2x2", seed=0)  # a block shape with no kernel
-    conv = SparseConv2d(8, 16, 3, padding=1, nnz=400, generator=torch.Generator().manual_seed(0))
-    impose_pattern(conv, Pattern.parse("block:4x1"), generator=torch.Generator().manual_seed(1))
-    for layer, x in ((linear, torch.randn(5, 64)), (conv, torch.randn(2, 8, 6, 6))):
-        gy = torch.randn_like(layer(x))
-        _, *want = fwd_bwd(layer, "torch", x, gy)
-        native, *got = fwd_bwd(layer, "native", x, gy)
-        assert "block" not in NATIVE._index[native] and NATIVE.block_index(native) is None
-        for w, g in zip(want, got):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+def test_a_pattern_the_block_kernels_lack_runs_on_the_unstructured_native_kernels():
+    layer = patterned_linear("block:2x2", seed=0)  # a block shape with no kernel
+    x = torch.randn(5, 64)
+    gy = torch.randn(5, 48)
+    _, *want = fwd_bwd(layer, "torch", x, gy)
+    native, *got = fwd_bwd(layer, "native", x, gy)
+    assert "block" not in NATIVE._index[native] and NATIVE.block_index(native) is None
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls, pattern, x", [
+    (SparseConv2d, "block:4x1", torch.randn(2, 8, 6, 6)),
+    (SparseConv2d, "nm:2:4", torch.randn(3, 8, 5, 7)),
+    (SparseConv1d, "block:4x4", torch.randn(2, 8, 9)),
+])
+def test_patterned_convs_run_on_the_block_conv_kernels_equal_to_masked_dense(cls, pattern, x):
+    g = torch.Generator().manual_seed(1)
+    conv = cls(8, 16, 3, stride=1, padding=1, nnz=192, generator=g)
+    impose_pattern(conv, Pattern.parse(pattern), generator=g)
+    gy = torch.randn_like(conv(x))
+    _, *want = fwd_bwd(conv, "torch", x, gy)
+    native, *got = fwd_bwd(conv, "native", x, gy)
+    assert "block" in NATIVE._index[native]
+    for name, w, g in zip(("output", "input grad", "values grad", "bias grad"), want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_auto_times_the_block_kernels_against_torch():

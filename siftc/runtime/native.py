@@ -1,12 +1,12 @@
 """The "native" backend: SparseLinear / SparseConv2d / SparseConv1d on siftc's C++ kernels (SparseProp's
 algorithm; a Conv1d runs as a Conv2d with a (1, k) kernel over a height-1 input).
 
-A SparseLinear with a structured `pattern` the block kernels take (block:4x1/8x1/16x1/1x4/4x4, any nm:N:M;
-siftc.runtime.block) runs on them instead: its `values` are gathered into block order each forward
-(`BlockIndex.to_blocks`, O(nnz)), so autograd scatters the blocks' gradient back into `values` order and
-`values.grad` is (nnz,) as on the unstructured kernels. The block index is cached per mask version like
-the unstructured one. Other patterns (block:2x1, block:8x8, ...) and every conv, patterned or not, run on
-the unstructured kernels: block conv kernels are not built yet.
+A layer with a structured `pattern` the block kernels take (block:4x1/8x1/16x1/1x4/4x4, any nm:N:M)
+runs on them instead: a Linear on siftc.runtime.block, a Conv2d or Conv1d (as a (1, k) Conv2d) on
+siftc.runtime.block_conv. Its `values` are gathered into block order each forward (`to_blocks`, O(nnz)),
+so autograd scatters the blocks' gradient back into `values` order and `values.grad` is (nnz,) as on
+the unstructured kernels. The block index is cached per mask version like the unstructured one. Other
+patterns (block:2x1, block:8x8, ...) run on the unstructured kernels.
 
 The kernels read the layer's `values` (nnz,) where they are and write the weight gradient only at the
 non-zeros: `values.grad` comes back (nnz,) from the op, and no weight-shaped tensor is made in a forward
@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from siftc.runtime import block, build
+from siftc.runtime import block, block_conv, build
 from siftc.runtime._ops import batch_pad
 from siftc.runtime.masked import MaskedDense
 
@@ -74,15 +74,19 @@ class Native:
             entry[key] = torch.ops.siftc.build_index(layer.positions, list(layer.weight_shape), panel, transpose)
         return entry[key]
 
-    def block_index(self, layer) -> "block.BlockIndex | None":
-        """The block kernels' index for a Linear whose pattern they take, once per mask version; None
-        for any other layer (it runs on the unstructured kernels)."""
+    def block_index(self, layer):
+        """The block kernels' index for a layer whose pattern they take, once per mask version (a
+        block.BlockIndex for a Linear, a block_conv.ConvBlockIndex for a conv, over its (O, I, kh, kw)
+        weight; a Conv1d's (O, I, k) is (O, I, 1, k)); None for any other layer (it runs on the
+        unstructured kernels)."""
         pattern = getattr(layer, "pattern", None)
-        if pattern is None or len(layer.weight_shape) != 2 or block.kernel_block(pattern) is None:
+        if pattern is None or block.kernel_block(pattern) is None:
             return None
         entry = self._entry(layer)
         if "block" not in entry:
-            entry["block"] = block.index(layer.positions, layer.weight_shape, pattern)
+            shape = layer.weight_shape
+            entry["block"] = block.index(layer.positions, shape, pattern) if len(shape) == 2 else \
+                block_conv.index(layer.positions, (*shape[:2], 1, shape[2]) if len(shape) == 3 else shape, pattern)
         return entry["block"]
 
     def indexes(self, layer, panel: int, tpanel: int) -> tuple:
@@ -119,6 +123,9 @@ class Native:
     def _conv(self, layer, x, kernel, stride, padding, dilation):
         """The 2-D kernels on x (B, Cin, H, W) and the layer's values as a (Cout, Cin, kh, kw) weight (a
         Conv1d's positions index its (Cout, Cin, k) weight, which is (Cout, Cin, 1, k) too)."""
+        ix = self.block_index(layer)
+        if ix is not None:
+            return block_conv.conv2d(x, ix.to_blocks(layer.values), ix, layer.bias, stride, padding, dilation)
         build.load()
         b, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
