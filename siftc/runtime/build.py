@@ -25,6 +25,8 @@ CSRC = Path(__file__).parent / "csrc"
 LIBRARIES = {"siftc_native": ["sparse_ops.cpp"], "siftc_block": ["block_ops.cpp", "block_conv.cpp"]}
 """Library name -> its sources in csrc/ (siftc_block: the block / N:M Linear and Conv2d kernels, loaded by
 siftc.runtime.block and siftc.runtime.block_conv)."""
+HEADERS = {"siftc_block": ["block_simd.h"]}
+"""Library name -> the csrc/ headers its sources include: hashed with them, not compiled on their own."""
 NAME = "siftc_native"
 SOURCES = [CSRC / s for s in LIBRARIES[NAME]]
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
@@ -53,9 +55,10 @@ def build_dir(name: str = NAME) -> Path:
 
 
 def sources_hash(name: str = NAME) -> str:
-    """12 hex digits of SHA-256 over the library's sources (name and contents) and the compiler flags."""
+    """12 hex digits of SHA-256 over the library's sources and headers (name and contents) and the compiler
+    flags."""
     h = hashlib.sha256(" ".join(CFLAGS).encode())
-    for src in library_sources(name):
+    for src in library_sources(name) + [CSRC / s for s in HEADERS.get(name, [])]:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()[:12]
 

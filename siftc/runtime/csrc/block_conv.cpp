@@ -30,46 +30,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_simd.h"
+
 namespace siftc_block_conv {
 
-#ifdef __AVX512F__
-constexpr int kVecBytes = 64;
-constexpr int kAcc = 24;
-#else
-constexpr int kVecBytes = 32;
-constexpr int kAcc = 12;
-#endif
-constexpr int64_t kBatchPad = 16;
-constexpr int64_t kL2Bytes = 256 * 1024;  // the input bytes one chunk may touch across all channels
-constexpr int64_t kL1Bytes = 16 * 1024;   // the dY bytes of a block row's chunk in the weight gradient
+using namespace siftc_block;  // vectors, tiles, sddmm_block (block_simd.h)
 
-typedef float vfloat __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
-typedef double vdouble __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = vfloat; static constexpr int lanes = kVecBytes / 4; };
-template <> struct Vec<double> { using type = vdouble; static constexpr int lanes = kVecBytes / 8; };
-
-template <typename V>
-static inline V load(const void* p) { return *(const V*)p; }
-template <typename V>
-static inline void store(void* p, V v) { *(V*)p = v; }
-
-#define SIFTC_TILE __attribute__((noinline)) static
-
-// Batch vectors [0, n) in tiles of NVMAX, then 4, 2, 1.
-template <int NVMAX, typename F>
-static inline void for_tiles(int64_t n, F&& f) {
-  int64_t v = 0;
-  for (; v + NVMAX <= n; v += NVMAX) f(v, std::integral_constant<int, NVMAX>{});
-  if constexpr (NVMAX > 4) for (; v + 4 <= n; v += 4) f(v, std::integral_constant<int, 4>{});
-  if constexpr (NVMAX > 2) for (; v + 2 <= n; v += 2) f(v, std::integral_constant<int, 2>{});
-  if constexpr (NVMAX > 1) for (; v < n; ++v) f(v, std::integral_constant<int, 1>{});
-}
-
-static inline int64_t grain(int64_t n) {
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, (n + t - 1) / t);
-}
+constexpr int64_t kL1Bytes = 16 * 1024;  // the dY bytes of a block row's chunk in the weight gradient
 
 // One gather pass: view block row i's entries are ptr[i] .. ptr[i+1]; entry e's VR x VC block starts at
 // blocks + boff[e] (row-major) and its input at in + ioff[e] (+ c * cs_in for its c-th channel). The output
@@ -143,52 +110,20 @@ static void gather(const T* in, T* out, const Pass& p, const T* blocks, const T*
   });
 }
 
-// dblocks[e] += dY[block row's RS channels from rs] . in[block's C channels] over n vectors of one row.
+// dblocks[e] += dY[block row's R channels] . in[block's C channels] over n vectors of one row, RS rows at a time.
 template <typename T, int R, int C, int RS>
 SIFTC_TILE void sddmm_tile(const T* __restrict dy, const T* __restrict in, int64_t cs_dy, int64_t cs_in,
                            const int64_t* __restrict ioff, T* __restrict dblocks, int64_t lo, int64_t hi, int64_t n) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  constexpr int U = (kAcc * 2 / 3) / (RS * C) < 1 ? 1 : (kAcc * 2 / 3) / (RS * C);
-  for (int64_t e = lo; e < hi; ++e) {
-    const T* src = in + ioff[e];
-    T* g = dblocks + e * (R * C);
-    for (int rs = 0; rs < R; rs += RS) {
-      const T* d0 = dy + rs * cs_dy;
-      V acc[RS][C][U] = {};
-      int64_t v = 0;
-      for (; v + U <= n; v += U)
-        for (int u = 0; u < U; ++u) {
-          V xv[C];
-          for (int c = 0; c < C; ++c) xv[c] = load<V>(src + c * cs_in + (v + u) * L);
-          for (int r = 0; r < RS; ++r) {
-            const V d = load<V>(d0 + r * cs_dy + (v + u) * L);
-            for (int c = 0; c < C; ++c) acc[r][c][u] += d * xv[c];
-          }
-        }
-      for (; v < n; ++v)
-        for (int r = 0; r < RS; ++r)
-          for (int c = 0; c < C; ++c)
-            acc[r][c][0] += load<V>(d0 + r * cs_dy + v * L) * load<V>(src + c * cs_in + v * L);
-      for (int r = 0; r < RS; ++r)
-        for (int c = 0; c < C; ++c) {
-          V sum = acc[r][c][0];
-          for (int u = 1; u < U; ++u) sum += acc[r][c][u];
-          T s = 0;
-          for (int l = 0; l < L; ++l) s += sum[l];
-          g[(rs + r) * C + c] += s;
-        }
-    }
-  }
+  for (int64_t e = lo; e < hi; ++e)
+    for (int rs = 0; rs < R; rs += RS)
+      sddmm_block<T, RS, C, true>(dy + rs * cs_dy, cs_dy, in + ioff[e], cs_in, n, dblocks + e * (R * C) + rs * C);
 }
 
 // dblocks (nb, R, C) = dY . in^T at the forward pass's blocks (p: the forward pass, dy laid out like its out).
 template <typename T, int R, int C>
 static void sddmm(const T* dy, const T* in, const Pass& p, T* dblocks, int64_t nb, int64_t touched) {
   constexpr int L = Vec<T>::lanes;
-  constexpr int CAP = kVecBytes == 64 ? 8 : 4;
-  constexpr int RS0 = (kAcc * 2 / 3) / C < 1 ? 1 : (kAcc * 2 / 3) / C;
-  constexpr int RS = std::min({R, RS0, CAP});
+  constexpr int RS = sddmm_rows_at_once<R, C>();
   static_assert(R % RS == 0, "the row groups tile the block");
   std::fill(dblocks, dblocks + nb * R * C, T(0));
   const int64_t l1 = std::max<int64_t>(1, kL1Bytes / (R * kVecBytes));

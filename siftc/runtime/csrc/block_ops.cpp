@@ -36,60 +36,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_simd.h"
+
 namespace siftc_block {
-
-#ifdef __AVX512F__
-constexpr int kVecBytes = 64;  // one zmm
-constexpr int kAcc = 24;       // accumulator vectors a tile may hold (32 registers)
-#else
-constexpr int kVecBytes = 32;  // one ymm
-constexpr int kAcc = 12;       // of 16 registers
-#endif
-constexpr int64_t kBatchPad = 16;         // batch padded to a multiple of this (as sparse_ops.cpp)
-constexpr int64_t kL2Bytes = 256 * 1024;  // operand bytes a panel keeps in L2 (a quarter of 1 MiB: 256 KiB
-                                          // to 512 KiB measured alike on the wide 90% shapes, 2 MiB slower)
-
-typedef float vfloat __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
-typedef double vdouble __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = vfloat; static constexpr int lanes = kVecBytes / 4; };
-template <> struct Vec<double> { using type = vdouble; static constexpr int lanes = kVecBytes / 8; };
-
-template <typename V>
-static inline V load(const void* p) { return *(const V*)p; }
-template <typename V>
-static inline void store(void* p, V v) { *(V*)p = v; }
-
-template <typename T>
-static inline T hsum(typename Vec<T>::type v) {
-  T s = 0;
-  for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
-  return s;
-}
 
 // Element (r, c) of a VR x VC view block: stored as it is (TR false) or as its VC x VR transpose (TR true,
 // the forward's block read for W^T).
 template <typename T, int VR, int VC, bool TR>
 static inline T wat(const T* b, int r, int c) { return TR ? b[c * VR + r] : b[r * VC + c]; }
-
-// Batch vectors [0, nvec) in tiles of NVMAX, then 4, 2, 1: f(v0, std::integral_constant<int, NV>).
-template <int NVMAX, typename F>
-static inline void for_tiles(int64_t nvec, F&& f) {
-  int64_t v = 0;
-  for (; v + NVMAX <= nvec; v += NVMAX) f(v, std::integral_constant<int, NVMAX>{});
-  if constexpr (NVMAX > 4) for (; v + 4 <= nvec; v += 4) f(v, std::integral_constant<int, 4>{});
-  if constexpr (NVMAX > 2) for (; v + 2 <= nvec; v += 2) f(v, std::integral_constant<int, 2>{});
-  if constexpr (NVMAX > 1) for (; v < nvec; ++v) f(v, std::integral_constant<int, 1>{});
-}
-
-// A tile kernel is its own function, compiled with the whole register file to itself; a call is nothing
-// next to a tile's work.
-#define SIFTC_TILE __attribute__((noinline)) static
-
-static inline int64_t grain(int64_t n) {
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, (n + t - 1) / t);
-}
 
 // Every thread takes a range of block rows and walks them panel by panel: f(i, lo, hi, p) for block row i's
 // entries [lo, hi) whose column lies in panel p (columns [p*pcols, (p+1)*pcols)); a cursor per row marks
@@ -236,45 +190,16 @@ static void scatter(const T* in, T* out, int64_t ld, int64_t nbr, int64_t nbc, c
 template <typename T, int R, int C, int RS>
 SIFTC_TILE void sddmm_rows(const T* __restrict dy0, const T* __restrict x, int64_t ld, const int32_t* __restrict col,
                            T* __restrict dblocks, int64_t lo, int64_t hi) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  constexpr int U = (kAcc * 2 / 3) / (RS * C) < 1 ? 1 : (kAcc * 2 / 3) / (RS * C);  // batch vectors a step
-  const int64_t nvec = ld / L;
-  for (int64_t e = lo; e < hi; ++e) {
-    const T* src = x + (int64_t)col[e] * C * ld;
-    T* g = dblocks + e * (R * C);
-    for (int rs = 0; rs < R; rs += RS) {  // row groups back to back: X's C rows stay in L1
-      const T* dy = dy0 + rs * ld;
-      V acc[RS][C][U] = {};
-      int64_t v = 0;
-      for (; v + U <= nvec; v += U)
-        for (int u = 0; u < U; ++u) {
-          V xv[C];
-          for (int c = 0; c < C; ++c) xv[c] = load<V>(src + c * ld + (v + u) * L);
-          for (int r = 0; r < RS; ++r) {
-            const V d = load<V>(dy + r * ld + (v + u) * L);
-            for (int c = 0; c < C; ++c) acc[r][c][u] += d * xv[c];
-          }
-        }
-      for (; v < nvec; ++v)
-        for (int r = 0; r < RS; ++r)
-          for (int c = 0; c < C; ++c) acc[r][c][0] += load<V>(dy + r * ld + v * L) * load<V>(src + c * ld + v * L);
-      for (int r = 0; r < RS; ++r)
-        for (int c = 0; c < C; ++c) {
-          V sum = acc[r][c][0];
-          for (int u = 1; u < U; ++u) sum += acc[r][c][u];
-          g[(rs + r) * C + c] = hsum<T>(sum);
-        }
-    }
-  }
+  const int64_t nvec = ld / Vec<T>::lanes;
+  for (int64_t e = lo; e < hi; ++e)
+    for (int rs = 0; rs < R; rs += RS)  // row groups back to back: X's C rows stay in L1
+      sddmm_block<T, RS, C, false>(dy0 + rs * ld, ld, x + (int64_t)col[e] * C * ld, ld, nvec, dblocks + e * (R * C) + rs * C);
 }
 
 template <typename T, int R, int C>
 static void sddmm(const T* dy, const T* x, int64_t ld, int64_t nbr, int64_t nbc, const int64_t* ptr,
                   const int32_t* col, T* dblocks) {
-  constexpr int CAP = kVecBytes == 64 ? 8 : 4;  // dY rows per pass (their loads and the accumulators fit)
-  constexpr int RS0 = (kAcc * 2 / 3) / C < 1 ? 1 : (kAcc * 2 / 3) / C;
-  constexpr int RS = std::min({R, RS0, CAP});
+  constexpr int RS = sddmm_rows_at_once<R, C>();
   static_assert(R % RS == 0, "the row groups tile the block");
   const int64_t pcols = std::max<int64_t>(1, kL2Bytes / (C * ld * (int64_t)sizeof(T)));
   by_row_panels(nbr, nbc, pcols, ptr, col, [&](int64_t i, int64_t lo, int64_t hi, int64_t) {
