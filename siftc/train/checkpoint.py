@@ -79,7 +79,8 @@ def digest(obj, h=None) -> str:
     h = h or hashlib.sha256()
     if isinstance(obj, torch.Tensor):
         h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
-        h.update(obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if obj.numel():  # an empty tensor may have stride 0, which .view(uint8) refuses; it has no bytes
+            h.update(obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(obj, dict):
         for k, v in obj.items():
             h.update(repr(k).encode())
