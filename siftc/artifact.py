@@ -398,7 +398,8 @@ def _rebuild_dense(path: Path, source: Source):
     """A fresh dense model from the file the artifact names (by its absolute path, so any working
     directory will do), and whether that file changed since conversion."""
     try:
-        loaded = load_model(source.absolute, inputs=False)  # the inputs come from inputs.pt
+        loaded = load_model(source.absolute, inputs=False,  # the inputs come from inputs.pt
+                            model_args=source.model_args)
     except SiftcError as e:
         raise ArtifactError(f"{path} was converted from {source.absolute}, which cannot be loaded now ({e}); "
                             f"restore that file or convert again") from e

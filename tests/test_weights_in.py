@@ -204,3 +204,39 @@ def test_tied_weights_stored_once(tmp_path):
     torch.save({k: v for k, v in state.items() if k != tied[1]}, path)
     gm = siftc.convert(loaded.model, "sparse", 0.5, example_inputs=loaded.example_inputs, weights=path)
     assert gm.siftc_info.report["weights"]["file"] == "gpt.pt"
+
+
+LEAFY = '''
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.fc1, self.act, self.mid, self.fc2 = nn.Linear(64, hidden), Scale(), nn.Linear(hidden, hidden), nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.fc2(self.mid(self.act(self.fc1(x))))
+
+
+def example_inputs():
+    return (torch.randn(2, 64),)
+'''
+
+
+def test_model_args_reach_a_trusted_reload(tmp_path):
+    """An artifact that needs its model file (a --leaf user module) rebuilds it with the recorded
+    --model-arg values, not the factory's defaults."""
+    (tmp_path / "leafy.py").write_text(LEAFY)
+    out = tmp_path / "art"
+    proc = siftc_cli("convert", f"{tmp_path / 'leafy.py'}:Net", "--model-arg", "hidden=48", "--leaf", "Scale",
+                     "--kind", "parallel", "-s", "0.5", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    gm = siftc.load(out, trust_source=True)
+    assert gm.get_submodule("fc1").weight.shape == (48, 64)
