@@ -142,12 +142,20 @@ def linear_rows(sparsities, batch, reps):
     return rows
 
 
+CONV_BASE, CONV_HW = 128, 16
+"""The conv rows: a dense 128 -> 128 3x3 conv (padding 1) on 16 x 16 inputs."""
+
+
+def wide_conv(s, base=CONV_BASE) -> tuple[int, int]:
+    """(channels, nnz) of the iso-FLOP Sparse Wide 3x3 conv for a dense base -> base one at sparsity s."""
+    return round(base * math.sqrt(1 / (1 - s))), base * base * 9
+
+
 def conv_rows(batch, reps, s=0.9):
-    c, hw = 128, 16
+    c, hw = CONV_BASE, CONV_HW
     rows = []
     for wide in (False, True):
-        ch = round(c * math.sqrt(1 / (1 - s))) if wide else c
-        nnz = c * c * 9 if wide else round(c * c * 9 * (1 - s))
+        ch, nnz = wide_conv(s, c) if wide else (c, round(c * c * 9 * (1 - s)))
         torch.manual_seed(0)
         rows.append(measure_row(f"{'Wide ' if wide else ''}Conv2d {ch}->{ch} 3x3 {hw}x{hw} b{batch} s={s}",
                                 (nn.Conv2d(c, c, 3, padding=1), torch.randn(batch, c, hw, hw)),
