@@ -24,7 +24,8 @@ from siftc.source import check_model_args, load_model
 def convert(model: nn.Module | str, kind: str, sparsity: float | None, example_inputs: tuple | None = None, *,
             keep_dense=None, branch_act: str = "relu", seed: int = 0, round_to: int = 1,
             strict: bool = False, widen_heads: bool = False, leaf=(), input_shape=None, weights=None,
-            model_args: dict | None = None, mask_from: str = "magnitude", distribution: str = "uniform"):
+            model_args: dict | None = None, mask_from: str = "magnitude", distribution: str = "uniform",
+            pattern: str = "unstructured"):
     """Return a Sparse-IFT copy of `model` (an nn.Module, or a "model.py[:factory]" spec) with the
     dense model's weight FLOPs, or with kind="sparse" a same-shape sparse copy (not iso-FLOP).
     `example_inputs`: a tensor, a tuple of positional inputs, or a dict of keyword inputs
@@ -34,10 +35,11 @@ def convert(model: nn.Module | str, kind: str, sparsity: float | None, example_i
     dict file (.pt, .safetensors) loaded into the dense model first; `model_args`: keyword arguments
     for the spec's factory. kind="sparse": `mask_from` "magnitude" (prune the weights), "zeros" (their
     own zeros; `sparsity` None takes it from them, a number is checked) or "random"; `distribution`
-    "uniform" or "erk"."""
+    "uniform" or "erk". `pattern`: the sparse layers' sparsity pattern ("block:4x1", "nm:2:4", ...;
+    siftc.sparse.patterns), fitted per layer and reported (N:M: solved at sparsity 1 - N/M)."""
     cfg = ConvertConfig(kind=kind, sparsity=sparsity, keep_dense=keep_dense, branch_act=branch_act,
                         seed=seed, round_to=round_to, strict=strict, widen_heads=widen_heads, leaf=leaf,
-                        mask_from=mask_from, distribution=distribution)
+                        mask_from=mask_from, distribution=distribution, pattern=pattern)
     source = None
     if isinstance(model, str):
         check_model_args(model_args or {})

@@ -6,6 +6,7 @@ from siftc.nn.blocks import ACTIVATIONS
 from siftc.passes import KINDS
 from siftc.passes.same_shape import MASKS
 from siftc.sparse.distribution import DISTRIBUTIONS
+from siftc.sparse.patterns import Pattern
 
 BRANCH_ACTS = tuple(ACTIVATIONS)  # the non-linearities g a branch can use
 
@@ -34,6 +35,9 @@ class ConvertConfig:
     mask_from: str = "magnitude"
     # sparse: how many non-zeros each layer keeps (uniform: s in every layer; erk: same total FLOPs).
     distribution: str = "uniform"
+    # The sparse layers' pattern (siftc.sparse.patterns: unstructured, block:RxC, nm:N:M[:t]); N:M fixes
+    # the density, so the pass solves at 1 - N/M (siftc.passes.patterns).
+    pattern: str = "unstructured"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -60,12 +64,21 @@ class ConvertConfig:
         if self.keep_dense is not None:
             object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
         object.__setattr__(self, "leaf", tuple(self.leaf))
+        pattern = Pattern.parse(self.pattern)
+        object.__setattr__(self, "pattern", str(pattern))  # one spelling per pattern
+        if self.kind == "wide" and pattern.kind == "nm":
+            raise UsageError(f"--pattern {pattern} fixes every sparse layer's density at {pattern.n}/{pattern.m}, and "
+                             f"wide cannot solve its widths around a fixed density yet; use a block pattern "
+                             f"(e.g. block:4x1) with wide, or nm with --kind parallel, factorized or doped")
+        if self.kind == "sparse" and pattern.structured:
+            raise UsageError(f"--pattern {self.pattern} shapes the random masks of the Sparse-IFT kinds; --kind "
+                             f"sparse keeps masks from the weights, so drop --pattern")
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "sparsity": self.sparsity, "keep_dense": self.keep_dense,
                 "branch_act": self.branch_act, "seed": self.seed, "round_to": self.round_to,
                 "strict": self.strict, "widen_heads": self.widen_heads, "leaf": list(self.leaf),
-                "mask_from": self.mask_from, "distribution": self.distribution}
+                "mask_from": self.mask_from, "distribution": self.distribution, "pattern": self.pattern}
 
     @classmethod
     def from_json(cls, d: dict) -> "ConvertConfig":

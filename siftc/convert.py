@@ -16,7 +16,7 @@ from siftc.config import ConvertConfig
 from siftc.errors import UsageError
 from siftc.memory import check_fits
 from siftc.nn.attention import split_attention
-from siftc.passes import KINDS
+from siftc.passes import KINDS, patterns
 from siftc.passes.select import weight_layers
 from siftc.source import Source
 from siftc.trace import kept_whole, trace
@@ -49,12 +49,14 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
         traced = trace(model, example_inputs, cfg.leaf)  # says plainly when the inputs do not fit the model
     gm, example_inputs = traced.gm, traced.inputs
     dense_params = sum(p.numel() for p in model.parameters())
-    check_fits(gm, cfg)  # a conversion too large for this machine is refused here, not killed by the OS
+    solving = patterns.solving_cfg(cfg)  # N:M: the pass solves at the sparsity N/M gives
+    check_fits(gm, solving)  # a conversion too large for this machine is refused here, not killed by the OS
     dense_weights = pretrained.snapshot(gm, [name for name, _ in weight_layers(gm)])
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # new layers' weight init is reproducible too
         generator = torch.Generator().manual_seed(cfg.seed)
-        gm, result = KINDS[cfg.kind](gm, cfg, generator)
+        gm, result = KINDS[cfg.kind](gm, solving, generator)
+        patterned = patterns.impose(gm, cfg, generator)  # whole blocks, drawn before the FLOPs are counted
     if not any(r.kind == cfg.kind for r in result.layers):
         left = ", ".join(f"{r.name} ({r.reason or r.kind})" for r in result.layers[:4])
         raise UsageError(f"{cfg.kind}: nothing to transform: every weight layer is left as it is ({left}); "
@@ -62,6 +64,7 @@ def convert_module(model: nn.Module, example_inputs: tuple | dict, cfg: ConvertC
                          f"hidden Linear/Conv layers")
     report = build_report(gm, cfg, result.layers, dense, dense_params)
     report.update(result.report_entries())  # a pass's own report entries (wide: "groups")
+    report.update(patterned)
     report["trace"] = trace_report(traced)
     _check_flops(report, result, cfg)
     init = pretrained.origins(gm, dense_weights)
@@ -88,7 +91,7 @@ def _check_flops(report: dict, result, cfg: ConvertConfig):
 
 def _notes(report: dict, result) -> list[str]:
     """Lines `siftc convert` and `siftc inspect` print under the table."""
-    notes = []
+    notes = patterns.notes(report)
     if not result.iso_flop:
         notes.append(f"not iso-FLOP: every layer keeps its shape, so the model runs {report['flop_ratio']:.4f}x "
                      f"the dense model's weight FLOPs (the kept fraction of its weights; a Sparse-IFT kind would "

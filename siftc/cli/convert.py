@@ -44,6 +44,10 @@ def _round_to(ctx, param, value):
               help="sparse: each layer's mask from its largest |w|, from the weights' own zeros, or random.")
 @click.option("--distribution", type=click.Choice(tuple(DISTRIBUTIONS)), default=DEFAULT["distribution"],
               show_default=True, help="sparse: non-zeros per layer, s in each (uniform) or ERK (same total FLOPs).")
+@click.option("--pattern", default=DEFAULT["pattern"], show_default=True, metavar="P",
+              help="Sparsity pattern of the sparse layers: unstructured, block:RxC (e.g. block:4x1, block:4x4), "
+                   "nm:N:M (e.g. nm:2:4, density N/M) or nm:N:M:t (transposable). A layer it does not fit "
+                   "gets the largest fitting one (the report says which).")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Artifact directory to write. [default: <model>-<kind><percent>]")
 @click.option("--keep-dense", multiple=True, metavar="PATTERN",
@@ -64,8 +68,8 @@ def _round_to(ctx, param, value):
               help="Example input shape, when the model file has no example_inputs().")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def convert(model, kind, sparsity, weights, model_arg, mask_from, distribution, output, keep_dense, no_keep_dense,
-            branch_act, round_to, widen_heads, strict, leaf, seed, input_shape, force, as_json):
+def convert(model, kind, sparsity, weights, model_arg, mask_from, distribution, pattern, output, keep_dense,
+            no_keep_dense, branch_act, round_to, widen_heads, strict, leaf, seed, input_shape, force, as_json):
     """Convert MODEL (model.py[:factory] or pkg.module:factory) into a Sparse-IFT artifact.
 
     Importing MODEL runs its code. Examples:
@@ -77,7 +81,8 @@ def convert(model, kind, sparsity, weights, model_arg, mask_from, distribution, 
       siftc convert mymodel.py --kind wide --sparsity 0.75 --leaf 'router'   # opaque, left dense
       siftc convert examples/mlp.py --kind sparse --sparsity 0.9 --weights dense.pt --mask-from magnitude
       siftc convert examples/resnet.py:resnet18_cifar --kind sparse --weights pruned.safetensors --mask-from zeros
-      siftc convert examples/mlp.py --model-arg hidden=512 --kind wide --sparsity 0.75
+      siftc convert examples/mlp.py:MLP --model-arg hidden=512 --kind wide --sparsity 0.75
+      siftc convert examples/resnet.py:resnet18_cifar --kind wide --sparsity 0.9 --pattern block:4x1
     """
     from pathlib import Path
 
@@ -101,7 +106,8 @@ def convert(model, kind, sparsity, weights, model_arg, mask_from, distribution, 
                            branch_act=branch_act, seed=seed, round_to=round_to, strict=strict,
                            widen_heads=widen_heads, leaf=leaf,
                            input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
-                           model_args=model_args, mask_from=mask_from, distribution=distribution)
+                           model_args=model_args, mask_from=mask_from, distribution=distribution,
+                           pattern=pattern)
     siftc.save(gm, out, force=force)
     report = gm.siftc_info.report
     if as_json:
