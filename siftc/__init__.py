@@ -14,5 +14,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 from siftc import sparse  # noqa: E402
 from siftc.api import bench, convert, densify, export, load, save  # noqa: E402  after the submodules: siftc.convert/export/bench/densify are the functions
 from siftc.errors import SiftcError  # noqa: E402
+from siftc.nn.sparse import set_backend  # noqa: E402
 
-__all__ = ["convert", "load", "save", "export", "bench", "densify", "sparse", "SiftcError"]
+__all__ = ["convert", "load", "save", "export", "bench", "densify", "set_backend", "sparse", "SiftcError"]

@@ -27,7 +27,7 @@ import sys, torch, siftc
 torch.set_num_threads(int(sys.argv[1]))  # the parent's: another thread count sums in another order
 x, expected = torch.load("io.pt")
 for name in sys.argv[2:]:
-    gm = siftc.load(name).eval()
+    gm = siftc.set_backend(siftc.load(name), "torch").eval()  # the default, auto, times each layer: it may choose otherwise here
     with torch.no_grad():
         assert torch.equal(gm(x[name]), expected[name]), name
 assert "transformers" not in sys.modules  # imported only for an artifact naming one of its classes
@@ -43,7 +43,7 @@ def _moved(tmp_path, model: str, kinds) -> tuple[dict, dict]:
     shutil.copy(EXAMPLES / spec.split(":")[0], src)
     x, expected = {}, {}
     for kind in kinds:
-        gm = siftc.convert(str(src / spec), kind, 0.5, seed=3)
+        gm = siftc.set_backend(siftc.convert(str(src / spec), kind, 0.5, seed=3), "torch")  # bit-exact: one backend
         siftc.save(gm, src / f"{model}-{kind}")
         x[f"{model}-{kind}"] = torch.randn(shape)
         with torch.no_grad():

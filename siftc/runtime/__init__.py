@@ -20,6 +20,7 @@ BACKENDS = {
     "auto": AutoBackend({"native": _NATIVE, "torch": _TORCH}),  # per layer, the faster, timed once and recorded
     "sparseprop": SparseProp(),  # SparseProp's kernels (see sparseprop_backend.INSTALL), a peer to compare
 }
+DEFAULT = "auto"  # the one default: layers built by convert/load, `siftc train`, the Python API
 INTERNAL = {"shapes": ShapesOnly()}  # not a --backend choice: siftc.nn.sparse.shapes_only uses it
 
 

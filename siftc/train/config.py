@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from siftc.errors import UsageError
+from siftc.runtime import DEFAULT as DEFAULT_BACKEND
 from siftc.sparse import DISTRIBUTIONS, METHODS
 from siftc.sparse.schedulers import DROP_FRACTION, END_FRACTION, UPDATE_EVERY
 from siftc.train.schedule import SCHEDULES
@@ -32,7 +33,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.0       # short runs on small data do not need it
     decay_norms_and_biases: bool = False  # False: the paper's recipe, decay on weights (sparse values) only
-    backend: str = "auto"           # a siftc.runtime.BACKENDS name; auto: per layer, the faster of native/torch
+    backend: str = DEFAULT_BACKEND  # a siftc.runtime.BACKENDS name; auto: per layer, the faster of native/torch
     seed: int = 0                   # data order, mask distribution, SET's draws, dropout
     distribution: str = "uniform"   # uniform keeps every layer iso-FLOP; erk keeps the total
     update_every: int = UPDATE_EVERY      # the paper's dT
