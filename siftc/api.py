@@ -87,12 +87,19 @@ def export(source, out, *, batch: int | None = 1, dynamic_batch: bool = False, o
 
 
 def bench(paths, *, engines=None, batches=(1,), threads: int | None = None, time_s: float | None = None,
-          iterations: int | None = None, turns: int = 5, warmup: int = 5, seed: int = 0) -> dict:
+          iterations: int | None = None, turns: int = 5, warmup: int = 5, seed: int = 0,
+          trust_source: bool | None = None) -> dict:
     """Measure ONNX files (a path or a list) on each engine ("deepsparse", "onnxruntime", "torch"; all
     by default) at each batch size, in interleaved turns. Returns the result `siftc bench --json`
-    writes: per (file, engine, batch) latency percentiles and items/s, plus the machine."""
+    writes: per (file, engine, batch) latency percentiles and items/s, plus the machine.
+    `trust_source=True` lets the torch engine import a model file a file's sidecar names (as
+    `siftc bench --trust-source`); without it such a row becomes a note (None: as the enclosing
+    `siftc.artifact.trusting()` says, else not trusted)."""
     paths = [paths] if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__") else list(paths)
     cfg = runner.BenchConfig(engines=tuple(engines or ENGINES), batches=tuple(batches),
                              threads=runner.default_threads() if threads is None else threads, warmup=warmup,
                              time_s=time_s, iterations=iterations, turns=turns, seed=seed)
-    return runner.bench(paths, cfg)
+    if trust_source is None:
+        return runner.bench(paths, cfg)
+    with artifact.trusting(trust_source):
+        return runner.bench(paths, cfg)

@@ -57,3 +57,16 @@ def test_torch_engine_imports_a_model_file_only_with_trust_source(tmp_path):
     result = _bench(tmp_path, "dense.onnx", "--trust-source")
     assert {r["engine"] for r in result["results"] if r["status"] == "ok"} == {"onnxruntime", "torch"}
     assert (tmp_path / "ran").exists()  # trusted: the torch engine imported the file the sidecar names
+
+
+def test_library_bench_takes_trust_source(tmp_path):
+    """siftc.bench(trust_source=...) is the flag from Python: the torch engine rebuilds a model.py-sourced
+    file only when it is True."""
+    export_onnx(spec_path("examples/mlp.py:mlp"), tmp_path / "dense.onnx", batch=4)
+
+    def torch_rows(**kw):
+        result = siftc.bench(tmp_path / "dense.onnx", engines=("torch",), batches=(4,), iterations=2, turns=1,
+                             warmup=1, **kw)
+        return [r for r in result["results"] if r["status"] == "ok"]
+    assert torch_rows() == [] and torch_rows(trust_source=False) == []
+    assert len(torch_rows(trust_source=True)) == 1
