@@ -124,11 +124,13 @@ def test_cli_round_trip_densify_train_export(tmp_path):
     assert re.search(r"2 sparse layers densified.*\nweight FLOPs are now the dense-shaped ones: [\d,]+ \([\d.]+x",
                      done.stdout), done.stdout
     trained = subprocess.run([*run, "train", tmp_path / "dense", "--data", ROOT / "data/digits.npz", "--steps", "3",
-                              "--method", "static", "-o", tmp_path / "run", "--quiet"],
+                              "--method", "rigl", "-o", tmp_path / "run", "--quiet"],
                              capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["nnz"] == {}  # nothing sparse left to mask
+    said = [w for w in summary["warnings"] if "no sparse layers" in w]  # rigl has nothing to update, and says so
+    assert said and "makes no mask update" not in " ".join(summary["warnings"]), summary["warnings"]
     exported = subprocess.run([*run, "export", tmp_path / "run" / "model", "-o", tmp_path / "m.onnx"],
                               capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr

@@ -392,7 +392,11 @@ def _stop_signal(signals: list, world: int) -> int:
 
 def _no_mask_updates(cfg: TrainConfig, sched) -> str | None:
     """A warning when SET/RigL would make no mask update in this run (it would train as static), with
-    an --update-every that gives some."""
+    an --update-every that gives some; or, for a model with no sparse layers (densified), that the
+    method has nothing to act on."""
+    if not sched.layers:
+        return (f"the model has no sparse layers (densified, or nothing was transformed), so --method "
+                f"{cfg.method} has no mask to keep or update: every weight trains dense")
     if not sched.updates_masks or sched.update_steps():
         return None
     what = (f"{cfg.method} makes no mask update in {sched.total_steps} steps: updates stop at step "
