@@ -52,7 +52,7 @@ from siftc.nn.sparse import SPARSE_LAYERS
 torch.set_num_threads(int(sys.argv[1]))  # the parent's: another thread count sums in another order
 x, expected = torch.load("io.pt")
 for kind in sys.argv[2:]:
-    gm = siftc.load(kind)
+    gm = siftc.set_backend(siftc.load(kind), "torch")  # exact: one backend on both sides (auto may time otherwise)
     gm.eval()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), expected[kind], rtol=0, atol=0)
@@ -73,7 +73,7 @@ def test_fresh_process_same_outputs_and_every_weight_learns(tmp_path, monkeypatc
     x = torch.randn(3, 64)
     expected = {}
     for kind in KINDS:
-        gm = siftc.convert("examples/mlp.py:mlp", kind, 0.75, seed=1)
+        gm = siftc.set_backend(siftc.convert("examples/mlp.py:mlp", kind, 0.75, seed=1), "torch")
         siftc.save(gm, tmp_path / kind)
         with torch.no_grad():
             expected[kind] = gm.eval()(x)
