@@ -1,6 +1,7 @@
 """Sparse training runtime, measured side by side in one run: prints one table, saves benchmarks/results/runtime.json.
 
     flock /tmp/siftc-bench.lock python benchmarks/runtime.py      # the full table (about 15 minutes)
+    python benchmarks/runtime.py --resnet-only --patterns unstructured,block:16x1,block:4x4   # the step per pattern
     python benchmarks/runtime.py --quick                           # 3 repeats, no ResNet-18 row
 
 Every cell is a median wall time over --reps repeats. Within a row the columns are interleaved: each
@@ -42,6 +43,7 @@ from siftc.nn.sparse import set_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "runtime.json"
+OUT_RESNET = ROOT / "benchmarks" / "results" / "runtime_resnet.json"  # --resnet-only: that row's own run
 COLUMNS = ["dense", "masked", "csr", "sparseprop", "native"]
 BACKEND = {"masked": "torch", "sparseprop": "sparseprop", "native": "native"}
 
@@ -164,10 +166,13 @@ def conv_rows(batch, reps, s=0.9):
     return rows
 
 
-def resnet_row(batch, reps, s=0.9):
+def resnet_row(batch, reps, s=0.9, patterns=("unstructured",)):
+    """The ResNet-18 CIFAR Sparse Wide training step: dense (base), masked and native, plus one native
+    column per structured pattern (`siftc.convert(..., pattern=P)`, column "native P"), all interleaved."""
     sys.path.insert(0, str(ROOT / "examples"))
     from resnet import resnet18_cifar
     import siftc
+    from siftc.errors import SiftcError
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     dense = resnet18_cifar()
@@ -185,10 +190,24 @@ def resnet_row(batch, reps, s=0.9):
             opt.step()
         return step
 
+    steps, fitted = {"base": step_fn(dense), "masked": step_fn(wide, "torch"), "native": step_fn(wide, "native")}, {}
+    for pattern in (p for p in patterns if p != "unstructured"):
+        print(f"  converting ResNet-18 wide s={s} --pattern {pattern} ...", file=sys.stderr, flush=True)
+        try:
+            model = siftc.convert(resnet18_cifar(), kind="wide", sparsity=s, example_inputs=(x[:2],), pattern=pattern)
+        except SiftcError as e:  # e.g. wide with N:M (refused): the column says why
+            fitted[pattern] = f"n/a ({str(e).splitlines()[0][:120]})"
+            continue
+        steps[f"native {pattern}"] = step_fn(model, "native")
+        report = model.siftc_info.report  # "patterns": per sparse layer the pattern fitted (or a fallback)
+        fitted[pattern] = {"sparse_layers": len(report["patterns"]),
+                           "as_requested": sum(r["pattern"] == pattern for r in report["patterns"]),
+                           "effective_sparsity": report["effective_sparsity"]}
     print(f"  ResNet-18 wide s={s} ...", file=sys.stderr, flush=True)
-    times = interleaved({"base": step_fn(dense), "masked": step_fn(wide, "torch"),
-                         "native": step_fn(wide, "native")}, reps)
+    times = interleaved(steps, reps)
+    times.update({f"native {p}": v for p, v in fitted.items() if isinstance(v, str)})
     return {"row": f"ResNet-18 CIFAR Sparse Wide s={s} (batch {batch})", "step": times,
+            "patterns": fitted,
             "sparse_layers": sum(isinstance(m, SPARSE_LAYERS) for m in wide.modules()),
             "params_stored": sum(p.numel() for p in wide.parameters()),  # sparse layers: values (nnz) + bias
             "params_dense_model": sum(p.numel() for p in dense.parameters())}
@@ -285,6 +304,11 @@ def targets(rows, resnet):
         v = st["native"] / st["base"] if isinstance(st.get("native"), float) else None
         out.append({"target": "ResNet-18 Sparse Wide 0.9 step native within 3x of dense step", "value": v,
                     "met": v is not None and v <= 3.0})
+        timed = {c: t / st["base"] for c, t in st.items() if c.startswith("native ") and isinstance(t, float)}
+        if timed:  # issue 13: the best pattern's step
+            col = min(timed, key=timed.get)
+            out.append({"target": "ResNet-18 Sparse Wide 0.9 step, best pattern within 2x of dense step",
+                        "pattern": col.removeprefix("native "), "value": timed[col], "met": timed[col] <= 2.0})
     return out
 
 
@@ -303,6 +327,10 @@ def print_table(rows, resnet):
         b = st["base"]
         print(f"{resnet['row'][:40]:40s} {'step':8s} {b:8.1f} | "
               + " | ".join(cell(st.get(c), b) for c in COLUMNS))
+        for col in (c for c in st if c.startswith("native ")):  # the --patterns axis, one line each
+            print(f"{'  ' + col:40s} {'step':8s} {b:8.1f} | " + " | ".join(
+                cell(st[col], b) if c == "native" else f"{'':>15s}" for c in COLUMNS)
+                  + ("" if isinstance(st[col], float) else f"  {st[col]}"))
 
 
 def main():
@@ -311,28 +339,45 @@ def main():
     ap.add_argument("--resnet-reps", type=int, default=5, help="repeats of the ResNet-18 training step")
     ap.add_argument("--batch", type=int, default=256, help="batch of the Linear rows")
     ap.add_argument("--quick", action="store_true", help="3 repeats, no ResNet-18 row")
-    ap.add_argument("-o", "--out", default=str(OUT))
+    ap.add_argument("--patterns", default="unstructured", type=lambda v: [p for p in v.split(",") if p],
+                    help="ResNet-18 step per pattern, comma-separated (block:16x1,block:4x4,...): each converted "
+                         "with siftc.convert(pattern=P), on native, interleaved with the other columns "
+                         "[default: unstructured only, the native column]")
+    ap.add_argument("--resnet-only", action="store_true",
+                    help=f"only the ResNet-18 row(s), to {OUT_RESNET.relative_to(ROOT)} unless -o is given")
+    ap.add_argument("--resnet-batch", type=int, default=128, help="batch of the ResNet-18 step")
+    ap.add_argument("-o", "--out", default=None, help=f"[default: {OUT.relative_to(ROOT)}]")
     args = ap.parse_args()
+    if args.quick and args.resnet_only:
+        ap.error("--quick has no ResNet-18 row and --resnet-only only that: pass one of them")
+    from siftc.errors import UsageError
+    from siftc.sparse.patterns import Pattern
+    for p in args.patterns:
+        try:
+            Pattern.parse(p)
+        except UsageError as e:
+            ap.error(f"--patterns {p}: {e}")
     reps = 3 if args.quick else args.reps
     load_before = os.getloadavg()  # other processes on the machine; the lock only keeps benchmarks apart
-    rows = linear_rows([0.5, 0.75, 0.9, 0.95], args.batch, reps) + conv_rows(64, reps)
-    roof = roofline(args.batch, reps)
-    resnet = None if args.quick else resnet_row(128, args.resnet_reps)
+    rows = [] if args.resnet_only else linear_rows([0.5, 0.75, 0.9, 0.95], args.batch, reps) + conv_rows(64, reps)
+    roof = None if args.resnet_only else roofline(args.batch, reps)
+    resnet = None if args.quick else resnet_row(args.resnet_batch, args.resnet_reps, patterns=args.patterns)
     print_table(rows, resnet)
     goals = targets(rows, resnet)
     for g in goals:
         print(f"{'MET   ' if g['met'] else 'MISSED'} {g['target']}: {g['value'] if g['value'] is None else round(g['value'], 2)}")
-    for p, v in roof["passes"].items():
+    for p, v in (roof or {"passes": {}})["passes"].items():
         print(f"roofline {roof['row']} {p}: native {v['native_gflops']:.1f} GFLOP/s vs dense GEMM "
               f"{v['dense_gflops']:.1f}; >= {v['dram_bytes_min'] / 1e6:.0f} MB to memory "
               f"({v['dram_ms_at_stream_rate']:.1f} ms at {roof['stream_gbs']['read']:.1f} GB/s); kernel operands "
               f"{v['kernel_operand_bytes'] / 1e9:.2f} GB at {v['kernel_operand_gbs']:.0f} GB/s")
     result = {"machine": machine(), "settings": {"reps": reps, "resnet_reps": args.resnet_reps,
               "statistic": "median wall ms, columns interleaved", "ratio_to": "the row's dense base ('base')",
-              "linear_batch": args.batch, "conv_batch": 64,
+              "linear_batch": args.batch, "conv_batch": 64, "resnet_batch": args.resnet_batch,
+              "patterns": args.patterns,
               "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]},
               "rows": rows, "resnet": resnet, "targets": goals, "roofline": roof}
-    out = Path(args.out)
+    out = Path(args.out or (OUT_RESNET if args.resnet_only else OUT))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
