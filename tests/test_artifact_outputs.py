@@ -65,7 +65,7 @@ import sys, torch, siftc
 torch.set_num_threads(int(sys.argv[1]))
 x, expected = torch.load("io.pt")
 for name, (cls, keys, leaves) in expected.items():
-    gm = siftc.load(name).eval()
+    gm = siftc.set_backend(siftc.load(name), "torch").eval()  # exact: one backend on both sides
     with torch.no_grad():
         out = gm(x)
     assert type(out).__module__ + "." + type(out).__name__ == cls, (name, type(out))
@@ -83,7 +83,7 @@ def arts(tmp_path_factory):
     (tmp / "src" / "outs.py").write_text(MODEL)
     x, expected = torch.randn(3, 8), {}
     for name in ("hf_out", "own_out"):
-        gm = siftc.convert(str(tmp / "src" / f"outs.py:{name}"), "parallel", 0.5, seed=2)
+        gm = siftc.set_backend(siftc.convert(str(tmp / "src" / f"outs.py:{name}"), "parallel", 0.5, seed=2), "torch")
         siftc.save(gm, tmp / "src" / name)
         with torch.no_grad():
             out = gm.eval()(x)

@@ -237,7 +237,7 @@ import sys, torch, siftc
 torch.set_num_threads(int(sys.argv[1]))  # the parent's: another thread count sums in another order
 expected = torch.load("io.pt")
 for name, (inputs, cls, logits) in expected.items():
-    gm = siftc.load(name).eval()  # no trust_source: built from graph.json
+    gm = siftc.set_backend(siftc.load(name), "torch").eval()  # no trust_source: built from graph.json
     with torch.no_grad():
         out = gm(**inputs)
     assert type(out).__module__ + "." + type(out).__name__ == cls, (name, type(out))
@@ -253,7 +253,7 @@ def test_hf_artifacts_load_in_a_fresh_process_without_trust_and_export(tmp_path)
     torch.manual_seed(0)
     expected = {}
     for name, (model, inputs) in hf_models().items():
-        gm = siftc.convert(model, HF_KINDS[name], 0.75, inputs, seed=1)
+        gm = siftc.set_backend(siftc.convert(model, HF_KINDS[name], 0.75, inputs, seed=1), "torch")  # exact: one backend
         art = siftc.save(gm, tmp_path / name)
         meta = json.loads((art / "siftc.json").read_text())
         assert meta["needs_source"] is None and meta["notes"] == [], meta["needs_source"]
