@@ -20,7 +20,8 @@ BACKENDS = {
     "auto": AutoBackend({"native": _NATIVE, "torch": _TORCH}),  # per layer, the faster, timed once and recorded
     "sparseprop": SparseProp(),  # SparseProp's kernels (see sparseprop_backend.INSTALL), a peer to compare
 }
-DEFAULT = "auto"  # the one default: layers built by convert/load, `siftc train`, the Python API
+DEFAULT = "auto"  # `siftc train`'s default (TrainConfig); layers built by convert/load start on LAYER_DEFAULT
+LAYER_DEFAULT = "torch"  # masked dense: a layer's first call costs nothing extra (auto times both candidates)
 INTERNAL = {"shapes": ShapesOnly()}  # not a --backend choice: siftc.nn.sparse.shapes_only uses it
 
 
