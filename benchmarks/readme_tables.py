@@ -2,6 +2,7 @@
 
     python benchmarks/readme_tables.py            # print the Markdown
     python benchmarks/readme_tables.py --write    # replace the block between the README's markers
+                                                  # and the pattern table between the patterns markers
 
 A result file that is missing is named in the output instead of its table, so a table can only show a
 run that happened.
@@ -14,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmarks:begin (python benchmarks/readme_tables.py --write) -->", "<!-- benchmarks:end -->"
+PATTERNS_BEGIN = "<!-- patterns:begin (python benchmarks/readme_tables.py --write) -->"
+PATTERNS_END = "<!-- patterns:end -->"  # the "Structured sparsity" section's table
 
 
 def _load(name: str):
@@ -216,6 +219,58 @@ def glance(results: dict) -> str:
     return "**At a glance**\n\n" + "\n".join(lines)
 
 
+def _ratio(cell) -> str:
+    return _x(cell) if isinstance(cell, float) else "—"
+
+
+def patterns_table(results: dict) -> str:
+    """One row per pattern: kernel speed (patterns.json, patterns_conv.json), the ResNet-18 training step
+    (runtime.json, else runtime_resnet.json: --patterns), DeepSparse (inference_patterns.json), and the
+    accuracy of RigL Sparse Wide per task (iso_flop_training.json's pattern rows), all relative to dense."""
+    layer_rows = [r for name in ("patterns", "patterns_conv") for r in (results.get(name) or {}).get("rows", [])]
+    rt = next((d for d in (results.get("runtime"), results.get("runtime_resnet"))
+               if d and d.get("resnet") and len(d["resnet"]["step"]) > 3), None)
+    inf, tr = results.get("inference_patterns"), results.get("iso_flop_training")
+    step = rt["resnet"]["step"] if rt else {}
+    ds = {r["pattern"]: r["relative"] for r in (inf or {}).get("rows", []) if r["engine"] == "deepsparse"}
+    acc = {}  # (task, pattern) -> "acc ± sd" at the pattern rows' sparsity
+    rows_tr = [(t, c) for t, cs in (tr or {}).get("tasks", {}).items() for c in cs]
+    s_acc = next((c["sparsity"] for _, c in rows_tr if c.get("pattern", "unstructured") != "unstructured"), None)
+    for t, c in rows_tr:
+        if c["sparsity"] == s_acc:
+            acc[t, c.get("pattern", "unstructured")] = f"{100 * c['val_acc'][0]:.2f} ± {100 * c['val_acc'][1]:.2f}"
+        if c["sparsity"] == 0:
+            acc[t, "dense"] = f"{100 * c['val_acc'][0]:.2f} ± {100 * c['val_acc'][1]:.2f}"
+    tasks = list((tr or {}).get("tasks", {}))
+    patterns = ["unstructured"] + list(dict.fromkeys(
+        c for r in layer_rows for c in r["fwd+bwd"] if c not in ("base", "masked", "native")))
+    patterns += [p for p in list(ds) + [c.removeprefix("native ") for c in step if c.startswith("native ")]
+                 + [p for (_, p) in acc] if p not in patterns and p != "dense"]
+    header = ([f"{r['row']} fwd+bwd ÷ dense" for r in layer_rows] + ["ResNet-18 wide-90% step ÷ dense",
+              "DeepSparse wide-90% ResNet-18 ÷ dense"] + [f"{t} val acc % (wide {round(100 * s_acc)}%)"
+                                                          for t in tasks if s_acc is not None])
+    table = [["dense"] + ["1.00×"] * (len(layer_rows) + 2) + [acc.get((t, "dense"), "—") for t in tasks if s_acc is not None]]
+    for p in patterns:
+        col = "native" if p == "unstructured" else p
+        table.append([f"`{p}`"] + [_ratio((r["fwd+bwd"].get(col) or {}).get("vs_base")) for r in layer_rows]
+                     + [_ratio(step[c] / step["base"] if isinstance(step.get(c := "native" if p == "unstructured"
+                                                                            else f"native {p}"), float) else None),
+                        _ratio(ds.get(p))] + [acc.get((t, p), "—") for t in tasks if s_acc is not None])
+    sources = [f"`{n}.json`" + ("" if results.get(n) else " (not run)") for n in
+               ("patterns", "patterns_conv", "runtime", "inference_patterns", "iso_flop_training")]
+    machines = sorted({d["machine"]["cpu"] if isinstance(d.get("machine"), dict) else d["machine"]
+                       for d in (results.get(n) for n in ("patterns", "runtime", "inference_patterns")) if d})
+    goals = [g for d in (results.get("patterns"), rt, inf) if d for g in d.get("targets", [])
+             if "pattern" in g or "block pattern" in g["target"]]
+    goal_text = "\n".join(f"- {'met' if g['met'] else '**missed**'}: {g['target']} ("
+                           f"{g.get('pattern') or '—'} {_ratio(g.get('value'))})" for g in goals)
+    return (f"**Patterns side by side** (from {', '.join(sources)}; {', '.join(machines) or 'no machine yet'}): "
+            f"the iso-FLOP Sparse Wide layer or model per pattern, time relative to its dense base "
+            f"(`unstructured`: the native kernels on a random mask); accuracy: RigL Sparse Wide, mean ± sd over "
+            f"seeds. — : not measured.\n\n" + _table(["pattern"] + header, table)
+            + (f"\n\nTargets (issue 13):\n\n{goal_text}" if goals else ""))
+
+
 SECTIONS = [("convert_time", convert_time), ("runtime", runtime), ("memory", memory),
             ("iso_flop_training", iso_flop_training),
             ("inference", inference), ("export_controls", export_controls)]
@@ -230,22 +285,38 @@ def render() -> str:
     return "\n\n".join(out)
 
 
+PATTERN_RESULTS = ("patterns", "patterns_conv", "runtime", "runtime_resnet", "inference_patterns",
+                   "iso_flop_training")
+
+
+def render_patterns() -> str:
+    return patterns_table({name: _load(name) for name in PATTERN_RESULTS})
+
+
+def replace_block(src: str, begin: str, end: str, text: str) -> str:
+    head, rest = src.split(begin, 1)
+    return head + begin + "\n\n" + text + "\n\n" + end + rest.split(end, 1)[1]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", action="store_true", help="replace the README block between the markers")
     args = p.parse_args(argv)
-    text = render()
+    blocks = [(BEGIN, END, render()), (PATTERNS_BEGIN, PATTERNS_END, render_patterns())]
     if not args.write:
-        print(text)
+        print("\n\n".join(text for _, _, text in blocks))
         return 0
     readme = ROOT / "README.md"
     src = readme.read_text()
-    if BEGIN not in src or END not in src:
-        print(f"readme_tables: README.md lacks the markers {BEGIN!r} ... {END!r}", file=sys.stderr)
-        return 2
-    head, rest = src.split(BEGIN, 1)
-    readme.write_text(head + BEGIN + "\n\n" + text + "\n\n" + END + rest.split(END, 1)[1])
-    print(f"wrote {len(SECTIONS)} tables into {readme}")
+    for begin, end, _ in blocks:
+        if begin not in src or end not in src:
+            print(f"readme_tables: README.md lacks the markers {begin!r} ... {end!r}; add them where the "
+                  f"table belongs", file=sys.stderr)
+            return 2
+    for begin, end, text in blocks:
+        src = replace_block(src, begin, end, text)
+    readme.write_text(src)
+    print(f"wrote {len(SECTIONS)} tables and the pattern table into {readme}")
     return 0
 
 
