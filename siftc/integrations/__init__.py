@@ -9,19 +9,10 @@ included), keeps its state in the trainer's checkpoints and logs every mask upda
 their defaults are `siftc train`'s (siftc.integrations.masks.MaskSchedule). A trainer that is not
 installed is a one-line ImportError naming the extra that brings it.
 """
-import importlib
-
-from siftc.errors import UsageError
-
-
-class MissingExtra(UsageError, ImportError):
-    """An integration's trainer is not installed; the message says which extra installs it."""
+from siftc import extras
+from siftc.extras import MissingExtra  # noqa: F401  (re-exported: what a missing trainer raises)
 
 
 def require(module: str, extra: str):
     """`module`, imported; or MissingExtra naming `pip install 'siftc[extra]'`."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingExtra(f"siftc.integrations.{extra} needs {module}, which is not installed here: "
-                           f"pip install 'siftc[{extra}]'") from e
+    return extras.require(module, f"siftc.integrations.{extra}")
