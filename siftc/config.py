@@ -70,9 +70,6 @@ class ConvertConfig:
             raise UsageError(f"--pattern {pattern} fixes every sparse layer's density at {pattern.n}/{pattern.m}, and "
                              f"wide cannot solve its widths around a fixed density yet; use a block pattern "
                              f"(e.g. block:4x1) with wide, or nm with --kind parallel, factorized or doped")
-        if self.kind == "sparse" and pattern.structured:
-            raise UsageError(f"--pattern {self.pattern} shapes the random masks of the Sparse-IFT kinds; --kind "
-                             f"sparse keeps masks from the weights, so drop --pattern")
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "sparsity": self.sparsity, "keep_dense": self.keep_dense,
