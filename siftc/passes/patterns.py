@@ -15,7 +15,7 @@ import math
 
 from siftc.config import ConvertConfig
 from siftc.sparse.distribution import impose_pattern, sparse_layers
-from siftc.sparse.patterns import Pattern, effective_sparsity
+from siftc.sparse.patterns import Pattern, effective_sparsity, fit
 
 
 def solving_cfg(cfg: ConvertConfig) -> ConvertConfig:
@@ -38,7 +38,9 @@ def impose(gm, cfg: ConvertConfig, generator) -> dict:
         return {"pattern": str(pattern)}
     rows, nnz, numel = [], 0, 0
     for name, layer in sparse_layers(gm).items():
-        fitted = impose_pattern(layer, pattern, generator=generator)
+        # a pass that chose the layer's structured mask itself (--kind sparse, from its weights) keeps it
+        fitted = fit(pattern, layer.weight_shape) if layer.pattern is not None else \
+            impose_pattern(layer, pattern, generator=generator)
         rows.append({"name": name, "requested": str(pattern), "pattern": str(fitted.pattern),
                      "reason": fitted.reason, "nnz": layer.nnz, "density": layer.density})
         nnz, numel = nnz + layer.nnz, numel + math.prod(layer.weight_shape)
