@@ -16,6 +16,20 @@ Masks (`--mask-from`, `MASKS`):
     random     uniformly random positions, the weights' values at them
 How many each layer keeps (`--distribution`, magnitude and random): uniform, s in every layer; or ERK
 (`siftc.sparse.distribution.erk`), whose total FLOPs equal uniform's.
+
+With `--pattern P` (siftc.sparse.patterns) every layer gets P, or the fallback `fit` chooses for its
+shape (the report says which), and the masks have its structure (siftc.sparse.structured):
+    magnitude  block:RxC  the whole blocks of largest L1 norm, the count a whole number of blocks
+               nm:N:M     the N largest |w| of every group of M consecutive inputs (density N/M, so
+                          --sparsity is overridden; the report gives the effective one)
+               nm:N:M:t   N per row and column of every M x M tile, greedy by |w| then completed
+                          (siftc.sparse.transposable)
+    random     random positions with the structure
+    zeros      the smallest mask with the structure that holds every non-zero (blocks: each block
+               holding one; N:M: the zeros a group needs to reach N): a checkpoint pruned to P elsewhere
+               keeps exactly its non-zeros; one with more than N non-zeros in a group is refused, since
+               keeping N would prune weights it kept (prune it with --mask-from magnitude instead)
+Kept positions hold the given weights' values either way (init: kept in the report).
 """
 import math
 from typing import TYPE_CHECKING
@@ -26,10 +40,12 @@ import torch.fx
 from siftc import flops
 from siftc.errors import UsageError
 from siftc.layers import layer_type
-from siftc.nn.sparse import random_positions
 from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule
+from siftc.solve import whole_blocks
+from siftc.sparse import structured
 from siftc.sparse.distribution import distribute
+from siftc.sparse.patterns import Pattern, fit
 
 if TYPE_CHECKING:
     from siftc.config import ConvertConfig
@@ -37,48 +53,68 @@ if TYPE_CHECKING:
 SPARSITY_CHECK = 0.005  # --mask-from zeros with --sparsity: the zeros must give it within half a point
 
 
-def _magnitude(w: torch.Tensor, nnz: int, generator) -> torch.Tensor:
-    """The flat positions of the `nnz` largest |w| (ties broken by position, lowest first)."""
-    flat = w.detach().reshape(-1).abs()
-    order = torch.sort(flat, descending=True, stable=True).indices  # stable: reproducible on ties
-    return order[:nnz]
+def _magnitude(w: torch.Tensor, pattern: Pattern, nnz: int, generator) -> torch.Tensor:
+    return structured.magnitude_positions(w, pattern, nnz)
 
 
-def _zeros(w: torch.Tensor, nnz: int, generator) -> torch.Tensor:
-    return w.detach().reshape(-1).nonzero().squeeze(1)
+def _zeros(w: torch.Tensor, pattern: Pattern, nnz: int, generator) -> torch.Tensor:
+    return structured.containing(w, pattern)
 
 
-def _random(w: torch.Tensor, nnz: int, generator) -> torch.Tensor:
-    return random_positions(w.shape, nnz, generator).long()
+def _random(w: torch.Tensor, pattern: Pattern, nnz: int, generator) -> torch.Tensor:
+    return structured.random_positions(w.shape, pattern, nnz, generator)
 
 
+# name -> (dense weight, the layer's pattern, non-zeros (unused by zeros), generator) -> flat positions
 MASKS = {"magnitude": _magnitude, "zeros": _zeros, "random": _random}
 
 
-def _sparse_at(dense, positions: torch.Tensor, generator):
-    """A sparse layer of `dense`'s shape holding `dense`'s weights at `positions`, and its bias."""
+def _count(w: torch.Tensor, pattern: Pattern, sparsity: float | None) -> int | None:
+    """Non-zeros a layer keeps at `sparsity`: a whole number of `pattern`'s blocks, or N:M's fixed
+    count (None for --mask-from zeros, whose non-zeros decide)."""
+    fixed = pattern.fixed_nnz(w.shape)
+    if fixed is not None or sparsity is None:
+        return fixed
+    return whole_blocks(w.numel() - round(sparsity * w.numel()), pattern.unit, w.numel())
+
+
+def _sparse_at(dense, pattern: Pattern | None, positions: torch.Tensor, generator):
+    """A sparse layer of `dense`'s shape with `pattern` (None: unstructured, as before patterns), holding
+    `dense`'s weights at `positions`, and its bias."""
     t = layer_type(dense)
     layer = t.sparse_copy(dense, 0, generator)  # no random draw: the positions are set next
+    layer.pattern = pattern
     layer.set_positions(positions.sort().values)
     layer.load_state_dict(t.torch_state(dense), strict=False)  # a dense weight is packed at the positions
     layer.train(dense.training)
     return layer
 
 
+def _pick(cfg, name: str, w: torch.Tensor, pattern: Pattern, nnz: int | None, generator) -> torch.Tensor:
+    try:
+        return MASKS[cfg.mask_from](w, pattern, nnz, generator)
+    except ValueError as e:  # only zeros refuses: the checkpoint's non-zeros do not have the pattern
+        raise UsageError(f"--mask-from zeros --pattern {pattern}: layer {name}'s weights have {e}, so they were "
+                         f"not pruned to {pattern}; prune them to it with --mask-from magnitude") from None
+
+
 def run(gm: torch.fx.GraphModule, cfg: "ConvertConfig", generator: torch.Generator):
     """Make every chosen weight layer of `gm` a sparse layer of its own shape. Returns (gm, PassResult)."""
-    pick = MASKS[cfg.mask_from]
+    asked = Pattern.parse(cfg.pattern)
     choices, positions = choose(gm, cfg.keep_dense, cfg.strict), flops.graph_positions(gm)
     weights = {}  # name -> the dense weight (out, in, *kernel) of every layer made sparse
     for c in (c for c in choices if c.transform):
         w = layer_type(c.module).torch_state(c.module)["weight"]
-        nnz = int(w.count_nonzero()) if cfg.mask_from == "zeros" else w.numel() - round(cfg.sparsity * w.numel())
+        pattern = fit(asked, w.shape).pattern  # siftc.passes.patterns reports the fallback and why
+        nnz = _count(w, pattern, cfg.sparsity)
         weights[c.name] = w
-        replace_submodule(gm, c.name, _sparse_at(c.module, pick(w, nnz, generator), generator))
+        layer = _sparse_at(c.module, pattern if asked.structured else None,
+                           _pick(cfg, c.name, w, pattern, nnz, generator), generator)
+        replace_submodule(gm, c.name, layer)
     gm.graph.lint()
     gm.recompile()
     if cfg.distribution != "uniform" and weights:
-        _redistribute(gm, choices, weights, cfg.distribution, pick, generator)
+        _redistribute(gm, cfg, choices, weights, generator)
     kept = sum(gm.get_submodule(name).nnz for name in weights)
     total = sum(w.numel() for w in weights.values())
     sparsity = 1 - kept / total if total else 0.0
@@ -98,14 +134,15 @@ def _record(c, new, pos: int, cfg) -> LayerRecord:
                        dense_flops=dense_flops, flops=flops.module_flops(new, pos))
 
 
-def _redistribute(gm, choices, weights, distribution: str, pick, generator):
-    """The counts of `distribution` (ERK: the same total FLOPs as uniform), each layer's mask picked again
-    at its count."""
-    counts = distribute(gm, distribution, _placeholder_inputs(gm))
-    for c in choices:
-        if c.name in weights and counts[c.name] != gm.get_submodule(c.name).nnz:
-            w = weights[c.name]
-            replace_submodule(gm, c.name, _sparse_at(c.module, pick(w, counts[c.name], generator), generator))
+def _redistribute(gm, cfg, choices, weights: dict, generator):
+    """The counts of `cfg.distribution` (ERK: the same total FLOPs as uniform, in whole blocks of each
+    layer's pattern), each layer's mask picked again at its count."""
+    counts = distribute(gm, cfg.distribution, _placeholder_inputs(gm))
+    for c in (c for c in choices if c.name in weights):
+        pattern = gm.get_submodule(c.name).pattern
+        if counts[c.name] != gm.get_submodule(c.name).nnz:
+            positions = _pick(cfg, c.name, weights[c.name], pattern or Pattern(), counts[c.name], generator)
+            replace_submodule(gm, c.name, _sparse_at(c.module, pattern, positions, generator))
 
 
 def _placeholder_inputs(gm) -> tuple:

@@ -5,6 +5,7 @@ indices into the dense weight; siftc.sparse.patterns for the geometry), so a cal
 
     layer.set_positions(random_positions(layer.weight_shape, pattern, nnz, generator))
     layer.set_positions(magnitude_positions(dense_weight, pattern, nnz))
+    layer.set_positions(containing(pruned_weight, pattern))       # the smallest mask holding its non-zeros
     new, regrown = swap(layer.positions, layer.values, layer.weight_shape, pattern, k, grad=g)
     src, kept = layer.set_positions(new); kept &= ~regrown          # regrown entries start at zero
 
@@ -18,8 +19,9 @@ and the result passes `check_structure`. Unstructured patterns give what the uns
     nm:N:M        N per group: random, or the top-N    the smallest-magnitude     in each group as many
                   magnitudes of each group             active weights             as it lost
     nm:N:M:t      N per row and column of each tile,   the smallest-magnitude     in each tile, cells
-                  greedy by score then completed       active weights             restoring N per row
-                  (siftc.sparse.transposable)                                     and column
+                  random: greedy in random order then  active weights             restoring N per row
+                  completed; magnitude: the largest                               and column
+                  kept sum (siftc.sparse.transposable)
 
 `count` (weights to move, the scheduler's round(drop_fraction * nnz)) becomes round(count / (R*C))
 blocks; N:M moves `count` weights. As in the unstructured schedulers, grow candidates are all cells not
@@ -64,19 +66,47 @@ def random_positions(shape, pattern: Pattern | None, nnz: int | None = None,
 
 def magnitude_positions(weight: torch.Tensor, pattern: Pattern | None, nnz: int | None = None) -> torch.Tensor:
     """(nnz,) int32 ascending: the positions of the largest |weight| with `pattern`'s structure: the
-    blocks of largest L1 norm, the top-N magnitudes of every N:M group (ties to the lower position), or
-    nm:t tiles filled greedily by magnitude and completed exactly."""
+    largest |w| (ties to the lower position), the blocks of largest L1 norm, the top-N magnitudes of
+    every N:M group (ties to the lower position), or nm:t tiles filled greedily by magnitude and
+    completed exactly."""
     pattern = pattern or UNSTRUCTURED
     shape = tuple(weight.shape)
     nnz = _check_nnz(shape, pattern, nnz)
     magnitude = weight.detach().abs().reshape(-1).float()
-    if pattern.kind == "unstructured":
-        return _top(magnitude, nnz).sort().values.to(torch.int32)
+    if pattern.kind == "unstructured":  # stable: what one-shot pruning (--kind sparse) always kept on ties
+        return torch.sort(magnitude, descending=True, stable=True).indices[:nnz].sort().values.to(torch.int32)
     tiling = Tiling(shape, pattern)
     if pattern.kind == "block":
         norms = tiling.tiles_of(magnitude).sum((1, 2))   # (tiles,) L1 norm of each block
         return tiling.expand(_top(norms, nnz // pattern.unit))
     return _by_score(magnitude, tiling)
+
+
+def containing(weight: torch.Tensor, pattern: Pattern | None) -> torch.Tensor:
+    """int32 ascending: the smallest positions with `pattern`'s structure that hold every non-zero of
+    `weight` (a checkpoint pruned elsewhere): its non-zeros; every block holding one; for N:M each
+    group's non-zeros and then its lowest zeros up to N; for nm:t its non-zeros completed with zeros to
+    N per row and column of each tile. ValueError, naming the first group, row or column, when the
+    non-zeros do not fit (more than N in one): the weight was not pruned to that pattern."""
+    pattern = pattern or UNSTRUCTURED
+    nonzero = weight.detach().reshape(-1) != 0
+    if pattern.kind == "unstructured":
+        return nonzero.nonzero().squeeze(1).to(torch.int32)
+    tiling = Tiling(tuple(weight.shape), pattern)
+    held = tiling.tiles_of(nonzero)                                        # (T, rows, cols)
+    if pattern.kind == "block":
+        return tiling.expand(held.flatten(1).any(1).nonzero().squeeze(1))
+    n = pattern.n
+    need_rows, need_cols = n - held.sum(-1), n - held.sum(-2)              # (T, rows), (T, M)
+    for name, need in (("group" if not pattern.transposable else "row", need_rows),
+                       *((("column", need_cols),) if pattern.transposable else ())):
+        over = (need < 0).nonzero()
+        if over.numel():
+            t, j = (int(x) for x in over[0])
+            where = tiling.where(t) if name == "group" else f"{name} {j} of the tile at {tiling.where(t)}"
+            raise ValueError(f"{int(n - need[t, j])} non-zeros in the {where}, more than {pattern}'s {n}")
+    score = torch.zeros(held.shape)  # every zero scores the same: ties go to the lower position
+    return tiling.positions_of(held | _fill(score, ~held, need_rows, need_cols, pattern))
 
 
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
