@@ -3,11 +3,13 @@
     python benchmarks/readme_tables.py            # print the Markdown
     python benchmarks/readme_tables.py --write    # replace the block between the README's markers
                                                   # and the pattern table between the patterns markers
+    python benchmarks/readme_tables.py --results DIR   # render the JSON files in DIR instead
 
 A result file that is missing is named in the output instead of its table, so a table can only show a
 run that happened.
 """
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,8 +21,8 @@ PATTERNS_BEGIN = "<!-- patterns:begin (python benchmarks/readme_tables.py --writ
 PATTERNS_END = "<!-- patterns:end -->"  # the "Structured sparsity" section's table
 
 
-def _load(name: str):
-    path = RESULTS / f"{name}.json"
+def _load(name: str, results: Path = RESULTS):
+    path = results / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -128,21 +130,50 @@ def memory(d) -> str:
     return text
 
 
+def _bench(name: str):
+    """The benchmark script benchmarks/<name>.py as a module (for its constants: what a full run plans)."""
+    spec = importlib.util.spec_from_file_location(f"siftc_benchmark_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mean_sd(pair, scale=1.0, digits=4) -> str:
+    return f"{scale * pair[0]:.{digits}f} ± {scale * pair[1]:.{digits}f}"
+
+
 def iso_flop_training(d) -> str:
-    rows = []
-    for task, configs in d["tasks"].items():
-        for c in configs:
-            (loss, loss_sd), (acc, acc_sd) = c["val_loss"], c["val_acc"]
-            sps = c["steps_per_s"]
-            rows.append([task, c["config"], f"{loss:.4f} ± {loss_sd:.4f}", f"{100 * acc:.2f} ± {100 * acc_sd:.2f}",
+    """Every row a full run of benchmarks/iso_flop_training.py plans (dense, each kind at each sparsity, the
+    Sparse Wide pattern rows) per task, then any other row the JSON holds; a row not in the JSON is
+    'not run', a kind that could not convert the model says so, with why below the table."""
+    bench = _bench("iso_flop_training")
+    planned = [c.name for c in bench.configs()]
+    rows, failed = [], []
+    for task in dict.fromkeys([*bench.TASKS, *d["tasks"]]):
+        got = {c["config"]: c for c in d["tasks"].get(task, [])}
+        for name in dict.fromkeys([*planned, *got]):
+            c = got.get(name)
+            if c is None or "error" in c:
+                rows.append([task, name, "not run" if c is None else f"{c['kind']}: could not convert"] + ["—"] * 6)
+                if c is not None:
+                    failed.append(f"- {task} {name}: {c['error']}")
+                continue
+            fit, sps = c.get("pattern_fit"), c["steps_per_s"]
+            kind = c["kind"] + (f", {fit['as_requested']}/{fit['sparse_layers']} layers `{c['pattern']}`"
+                                + (f", {fit['effective_sparsity']:.1%} sparse" if fit.get("effective_sparsity")
+                                   is not None else "") if fit else "")
+            rows.append([task, name, kind, _mean_sd(c["val_loss"]), _mean_sd(c["val_acc"], 100, 2),
                          f"{sps['native']:.1f}" if "native" in sps else "—", f"{sps['torch']:.1f}",
                          f"{c['train_flops']:.3e}", f"{c['flop_ratio']:.3f}"])
-    return (f"**Iso-FLOP training** (`benchmarks/iso_flop_training.py`): dense vs Sparse Wide (RigL) at the "
-            f"same steps, batch and learning rate; mean ± sd over seeds {d['seeds']}, {d['threads']} thread, "
-            f"torch {d['torch']}. Steps/s: `native` = siftc's kernels, `torch` = masked dense (dense: plain "
-            f"PyTorch). Training FLOPs include RigL's dense-gradient steps.\n\n"
-            + _table(["task", "config", "val loss", "val acc %", "steps/s native", "steps/s torch",
-                      "train FLOPs", "÷ dense"], rows))
+    return (f"**Iso-FLOP training** (`benchmarks/iso_flop_training.py`): dense vs the four Sparse-IFT kinds "
+            f"(RigL, unstructured) at {' and '.join(f'{round(100 * s)}%' for s in bench.SPARSITIES)}, and Sparse "
+            f"Wide with block patterns, at the same steps, batch and learning rate; mean ± sd over seeds "
+            f"{d['seeds']}, {d['threads']} thread, torch {d['torch']}. Steps/s: `native` = siftc's kernels, "
+            f"`torch` = masked dense (dense: plain PyTorch). Training FLOPs include RigL's dense-gradient steps. "
+            f"— : not measured.\n\n"
+            + _table(["task", "config", "kind", "val loss", "val acc %", "steps/s native", "steps/s torch",
+                      "train FLOPs", "÷ dense"], rows)
+            + ("\n\nNot converted:\n\n" + "\n".join(failed) if failed else ""))
 
 
 def inference(d) -> str:
@@ -211,8 +242,12 @@ def glance(results: dict) -> str:
     if tr:
         parts = []
         for task, configs in tr["tasks"].items():
-            dense = next(c for c in configs if c["config"] == "dense")
-            best = min((c for c in configs if c["config"] != "dense"), key=lambda c: c["val_loss"][0])
+            trained = [c for c in configs if "val_loss" in c]  # not the rows of a kind that could not convert
+            dense = next((c for c in trained if c["config"] == "dense"), None)
+            sparse = [c for c in trained if c["config"] != "dense"]
+            if dense is None or not sparse:
+                continue
+            best = min(sparse, key=lambda c: c["val_loss"][0])
             parts.append(f"{task}: {best['config']} val loss {best['val_loss'][0]:.4f} vs dense "
                          f"{dense['val_loss'][0]:.4f} at {best['flop_ratio']:.3f}× the training FLOPs")
         lines.append("- Iso-FLOP training (mean of seeds): " + "; ".join(parts) + ".")
@@ -234,7 +269,8 @@ def patterns_table(results: dict) -> str:
     step = rt["resnet"]["step"] if rt else {}
     ds = {r["pattern"]: r["relative"] for r in (inf or {}).get("rows", []) if r["engine"] == "deepsparse"}
     acc = {}  # (task, pattern) -> "acc ± sd" at the pattern rows' sparsity
-    rows_tr = [(t, c) for t, cs in (tr or {}).get("tasks", {}).items() for c in cs]
+    rows_tr = [(t, c) for t, cs in (tr or {}).get("tasks", {}).items() for c in cs  # Sparse Wide and dense
+               if c.get("kind") in ("wide", "dense") and "val_acc" in c]
     s_acc = next((c["sparsity"] for _, c in rows_tr if c.get("pattern", "unstructured") != "unstructured"), None)
     for t, c in rows_tr:
         if c["sparsity"] == s_acc:
@@ -276,12 +312,17 @@ SECTIONS = [("convert_time", convert_time), ("runtime", runtime), ("memory", mem
             ("inference", inference), ("export_controls", export_controls)]
 
 
-def render() -> str:
-    results = {name: _load(name) for name, _ in SECTIONS}
+def _shown(path: Path) -> str:
+    """`path` as the README names it: relative to the checkout when inside it."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
+def render(results_dir: Path = RESULTS) -> str:
+    results = {name: _load(name, results_dir) for name, _ in SECTIONS}
     out = [glance({k: v for k, v in results.items() if v is not None})]
     for name, fn in SECTIONS:
         d = results[name]
-        out.append(fn(d) if d is not None else f"**{name}**: no `benchmarks/results/{name}.json` yet (not run).")
+        out.append(fn(d) if d is not None else f"**{name}**: no `{_shown(results_dir / name)}.json` yet (not run).")
     return "\n\n".join(out)
 
 
@@ -289,8 +330,8 @@ PATTERN_RESULTS = ("patterns", "patterns_conv", "runtime", "runtime_resnet", "in
                    "iso_flop_training")
 
 
-def render_patterns() -> str:
-    return patterns_table({name: _load(name) for name in PATTERN_RESULTS})
+def render_patterns(results_dir: Path = RESULTS) -> str:
+    return patterns_table({name: _load(name, results_dir) for name in PATTERN_RESULTS})
 
 
 def replace_block(src: str, begin: str, end: str, text: str) -> str:
@@ -301,8 +342,14 @@ def replace_block(src: str, begin: str, end: str, text: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", action="store_true", help="replace the README block between the markers")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="the folder of result JSON files [default: benchmarks/results]")
     args = p.parse_args(argv)
-    blocks = [(BEGIN, END, render()), (PATTERNS_BEGIN, PATTERNS_END, render_patterns())]
+    if not args.results.is_dir():
+        print(f"readme_tables: --results {args.results} is not a folder; pass the folder of the benchmarks' "
+              f"JSON files (default benchmarks/results)", file=sys.stderr)
+        return 2
+    blocks = [(BEGIN, END, render(args.results)), (PATTERNS_BEGIN, PATTERNS_END, render_patterns(args.results))]
     if not args.write:
         print("\n\n".join(text for _, _, text in blocks))
         return 0
