@@ -280,8 +280,8 @@ def patterns_table(results: dict) -> str:
     tasks = list((tr or {}).get("tasks", {}))
     patterns = ["unstructured"] + list(dict.fromkeys(
         c for r in layer_rows for c in r["fwd+bwd"] if c not in ("base", "masked", "native")))
-    patterns += [p for p in list(ds) + [c.removeprefix("native ") for c in step if c.startswith("native ")]
-                 + [p for (_, p) in acc] if p not in patterns and p != "dense"]
+    seen = list(ds) + [c.removeprefix("native ") for c in step if c.startswith("native ")] + [p for (_, p) in acc]
+    patterns += [p for p in dict.fromkeys(seen) if p not in patterns and p != "dense"]  # once each, in order
     header = ([f"{r['row']} fwd+bwd ÷ dense" for r in layer_rows] + ["ResNet-18 wide-90% step ÷ dense",
               "DeepSparse wide-90% ResNet-18 ÷ dense"] + [f"{t} val acc % (wide {round(100 * s_acc)}%)"
                                                           for t in tasks if s_acc is not None])
