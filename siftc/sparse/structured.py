@@ -19,9 +19,9 @@ and the result passes `check_structure`. Unstructured patterns give what the uns
     nm:N:M        N per group: random, or the top-N    the smallest-magnitude     in each group as many
                   magnitudes of each group             active weights             as it lost
     nm:N:M:t      N per row and column of each tile,   the smallest-magnitude     in each tile, cells
-                  random: greedy in random order then  active weights             restoring N per row
-                  completed; magnitude: the largest                               and column
-                  kept sum (siftc.sparse.transposable)
+                  greedy by score (random, or |w|)     active weights             restoring N per row
+                  then completed exactly                                          and column
+                  (siftc.sparse.transposable)
 
 `count` (weights to move, the scheduler's round(drop_fraction * nnz)) becomes round(count / (R*C))
 blocks; N:M moves `count` weights. As in the unstructured schedulers, grow candidates are all cells not
