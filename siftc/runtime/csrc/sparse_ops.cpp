@@ -31,7 +31,12 @@
 // Each phase (siftc.pack_x, siftc.spmm, siftc.sddmm, siftc.gather, siftc.pack_dy, siftc.unpack) is a
 // RECORD_FUNCTION scope, so torch.profiler splits a step into them; when no profiler is active a scope
 // costs a flag check.
-#include <ATen/ATen.h>
+// ATen's per-operator headers, not <ATen/ATen.h>, whose declarations of every operator cost this file
+// 7 s of its 32 s compile (CPU time, -O3, measured); the generated kernels are the same.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_unsafe_view.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
