@@ -36,7 +36,7 @@ class ConvertConfig:
     # sparse: how many non-zeros each layer keeps (uniform: s in every layer; erk: same total FLOPs).
     distribution: str = "uniform"
     # The sparse layers' pattern (siftc.sparse.patterns: unstructured, block:RxC, nm:N:M[:t]); N:M fixes
-    # the density, so the pass solves at 1 - N/M (siftc.passes.patterns).
+    # the density, so the pass solves at 1 - N/M (siftc.passes.patterns; wide solves its widths around it).
     pattern: str = "unstructured"
 
     def __post_init__(self):
@@ -66,10 +66,6 @@ class ConvertConfig:
         object.__setattr__(self, "leaf", tuple(self.leaf))
         pattern = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))  # one spelling per pattern
-        if self.kind == "wide" and pattern.kind == "nm":
-            raise UsageError(f"--pattern {pattern} fixes every sparse layer's density at {pattern.n}/{pattern.m}, and "
-                             f"wide cannot solve its widths around a fixed density yet; use a block pattern "
-                             f"(e.g. block:4x1) with wide, or nm with --kind parallel, factorized or doped")
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "sparsity": self.sparsity, "keep_dense": self.keep_dense,

@@ -106,6 +106,53 @@ def wide_nnz(budgets: list[int], capacities: list[int], positions: list[int], ex
     return [min(c, max(0, round(alpha * b))) for b, c in zip(budgets, capacities)]
 
 
+# ---- Sparse Wide at a fixed density (N:M patterns) ----------------------------------------------
+# N:M fixes every sparse layer's density, so the non-zeros cannot pay for the kept-dense layers' growth
+# or for rounding: the widths must. A widened model's weight FLOPs are a quadratic in the common factor
+# k (each layer's weight count is a product of two sides, each linear in k; a grouped conv's is linear),
+# so k has a closed form; the widths are then rounded, each group down or up to its multiple.
+def wide_factor(flops_at, target: float) -> float:
+    """The k >= 1 at which `flops_at(k)` (a model's weight FLOPs with every widening group at k times
+    its width) equals `target`. `flops_at` is called at k = 1, 2, 3 only, where widths are exact
+    integers, and the quadratic through those points is solved; k = 1 when the model at k = 1 already
+    costs `target` or more."""
+    f1, f2, f3 = (flops_at(k) for k in (1, 2, 3))
+    a = (f3 - 2 * f2 + f1) / 2
+    b = f2 - f1 - 3 * a
+    c = f1 - a - b
+    if f1 >= target or a == b == 0:
+        return 1.0
+    # The root of a k^2 + b k + c = target in the form that stays exact as a -> 0 (a model of one-sided
+    # layers only is linear in k); a, b >= 0, since every side is k x its widening part + its fixed part.
+    return 2 * (target - c) / (b + math.sqrt(b * b + 4 * a * (target - c)))
+
+
+def nearest_widths(exact: dict, multiples: dict, least: dict, flops_of, target: float) -> dict:
+    """Integer widths near `exact` (group -> k x dense width) whose FLOPs come near `target`.
+
+    Every width is a multiple of `multiples[g]`, never below `least[g]` (the smallest multiple at or
+    above its dense width). First each group rounds down or up, up in order of largest remainder, the
+    prefix nearest `target` kept; then, while it brings the FLOPs nearer, one group steps by its multiple
+    (or, when no single step helps, two step in opposite directions), so the groups that step finest
+    absorb the rounding of the coarse ones. `flops_of(widths)` counts a choice."""
+    down = {g: max(math.floor(exact[g] / multiples[g]) * multiples[g], least[g]) for g in exact}
+    order = sorted(exact, key=lambda g: (exact[g] - down[g]) / multiples[g], reverse=True)
+    miss = lambda widths: abs(flops_of(widths) - target)
+    widths = min(({g: down[g] + multiples[g] * (g in order[:j]) for g in exact} for j in range(len(order) + 1)),
+                 key=miss)
+    step = lambda w, *moves: {**w, **{g: w[g] + s * multiples[g] for g, s in moves}}
+    fits = lambda w: all(w[g] >= least[g] for g in w)
+    while True:
+        singles = [step(widths, (g, s)) for g in exact for s in (-1, 1)]
+        best = min(filter(fits, singles), key=miss, default=widths)
+        if miss(best) >= miss(widths):
+            pairs = [step(widths, (g, 1), (h, -1)) for g in exact for h in exact if g != h]
+            best = min(filter(fits, pairs), key=miss, default=widths)
+        if miss(best) >= miss(widths):
+            return widths
+        widths = best
+
+
 # ---- whole blocks (structured patterns, siftc.sparse.patterns) -----------------------------------
 # A layer with a block pattern holds a whole number of blocks of `block` (= Pattern.unit) weights; FLOPs
 # are 2 x non-zeros x output positions, so a count within half a block of the budget has FLOPs within

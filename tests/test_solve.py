@@ -62,3 +62,36 @@ def test_split_is_exact_and_within_capacity(budget, caps):
     assert sum(parts) == budget
     assert all(0 <= p <= c for p, c in zip(parts, caps))
     assert all(abs(p - budget * c / sum(caps)) < 1 + 1e-9 or p == c for p, c in zip(parts, caps))
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), c=st.integers(0, 10**6), grow=st.floats(1.01, 8))
+def test_wide_factor_is_the_root_of_the_quadratic_it_samples(a, b, c, grow):
+    f = lambda k: a * k * k + b * k + c
+    target = f(grow)
+    if a == b == 0:
+        assert solve.wide_factor(f, target) == 1.0
+        return
+    assert solve.wide_factor(f, target) == pytest.approx(grow, rel=1e-9)
+    assert solve.wide_factor(f, f(1) - 1) == 1.0  # already at (or over) the target at k = 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(8, 300), min_size=1, max_size=5),
+       steps=st.lists(st.sampled_from([1, 2, 4, 8]), min_size=5, max_size=5), k=st.floats(1.0, 3.0))
+def test_nearest_widths_are_multiples_no_single_step_brings_nearer_and_beat_plain_rounding(sizes, steps, k):
+    groups = range(len(sizes))
+    flops_of = lambda w: sum(w[g] * w[(g + 1) % len(sizes)] + 3 * w[g] for g in groups)  # a ring of layers
+    exact = {g: k * sizes[g] for g in groups}
+    target = flops_of(exact)
+    mult = {g: steps[g] for g in groups}
+    least = {g: -(-sizes[g] // mult[g]) * mult[g] for g in groups}
+    got = solve.nearest_widths(exact, mult, least, flops_of, target)
+    assert all(got[g] % mult[g] == 0 and got[g] >= least[g] for g in groups)
+    miss = lambda w: abs(flops_of(w) - target)
+    for g in groups:
+        for s in (-1, 1):
+            w = {**got, g: got[g] + s * mult[g]}
+            assert w[g] < least[g] or miss(w) >= miss(got)
+    rounded = {g: max(least[g], round(exact[g] / mult[g]) * mult[g]) for g in groups}
+    assert miss(got) <= miss(rounded)

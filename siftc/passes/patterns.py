@@ -6,9 +6,9 @@
 Each layer gets the pattern or the best of its fallbacks that fits its shape (siftc.sparse.patterns.fit);
 its count is rounded to whole blocks (within half a block of what the pass solved), so the model stays
 iso-FLOP within the usual 0.5%. N:M fixes a layer's density at N/M, so the pass is run at that sparsity
-(`solving_cfg`): the rank or branch count is solved around it (wide's widths are not yet: the config
-refuses wide with N:M), and the report shows the effective sparsity next to the requested one. Wide
-rounds its widths to multiples of the pattern's tile, so the widened layers take the pattern itself.
+(`solving_cfg`): the rank, branch count or widths are solved around it (wide: siftc.passes.wide), and
+the report shows the effective sparsity next to the requested one. Wide makes each sparse layer's sides
+multiples of the pattern's tile, so the widened layers take the pattern itself.
 """
 import dataclasses
 import math
@@ -19,14 +19,12 @@ from siftc.sparse.patterns import Pattern, effective_sparsity, fit
 
 
 def solving_cfg(cfg: ConvertConfig) -> ConvertConfig:
-    """The config the kind's pass solves with: the sparsity the pattern gives (N:M: 1 - N/M) and, for
-    wide, widths in multiples of the pattern's tile (as well as of --round-to)."""
+    """The config the kind's pass solves with: the sparsity the pattern gives (N:M: 1 - N/M). (Wide
+    reads `cfg.pattern` itself, for the tile its sparse layers' widths are multiples of.)"""
     pattern = Pattern.parse(cfg.pattern)
-    if not pattern.structured:
+    if cfg.sparsity is None or pattern.density is None:
         return cfg
-    sparsity = cfg.sparsity if cfg.sparsity is None else effective_sparsity(pattern, cfg.sparsity)
-    round_to = math.lcm(cfg.round_to, *pattern.tile) if cfg.kind == "wide" else cfg.round_to
-    return dataclasses.replace(cfg, sparsity=sparsity, round_to=round_to)
+    return dataclasses.replace(cfg, sparsity=effective_sparsity(pattern, cfg.sparsity))
 
 
 def impose(gm, cfg: ConvertConfig, generator) -> dict:

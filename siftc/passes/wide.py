@@ -10,6 +10,12 @@ After:
 The input (64) and the output (10) keep their widths. Widths move in groups found on the fx graph
 (`siftc.passes.groups`); view/reshape/split arguments are rewritten to the new sizes, and a shape check
 re-runs the graph. Iso-FLOP: `siftc.solve.wide_nnz`.
+
+With a sparsity pattern (`--pattern`, siftc.passes.patterns), each sparse layer's sides become multiples
+of the pattern's tile (block:RxC: out of R, in of C; nm:N:M: in of M; nm:N:M:t: both of M), so the
+widened layers take the pattern itself; a side fixed at a size the tile does not divide (a 3-channel
+input, 10 classes) gets a fallback (siftc.sparse.patterns.fit) after the pass. N:M fixes every sparse
+layer's density at N/M, so the widths solve around it: `siftc.passes.wide_density`.
 """
 import math
 import operator
@@ -27,7 +33,9 @@ from siftc.nn.sparse import SPARSE_LAYERS, shapes_only
 from siftc.passes.groups import analyse
 from siftc.passes.record import LayerRecord, PassResult
 from siftc.passes.select import choose, replace_submodule, tied_weights, weight_layers
+from siftc.passes import wide_density
 from siftc.passes.tensor_rules import node_arg, positive_dim
+from siftc.sparse.patterns import Pattern
 from siftc.trace import NodeFailed, node_shape, record_shapes
 
 if TYPE_CHECKING:  # the config validates kinds against KINDS here: no import back at run time
@@ -58,12 +66,18 @@ def run(gm: torch.fx.GraphModule, cfg: "ConvertConfig", generator: torch.Generat
     a = analyse(gm, cfg.widen_heads)
     _tie_shared_weights(gm, a)
     _check_strict(a, cfg)
-    grow = lambda size, divs, scale: solve.wide_width(
-        size, cfg.sparsity, math.lcm(cfg.round_to // math.gcd(cfg.round_to, scale), *divs))
-    new_width = a.widths(grow)
-    width = lambda label: sum(new_width[g] * m for g, m in a.resolve(label))  # labels may predate a tie
-    plans = _plans(gm, a, cfg, width)
-    _solve(plans, cfg)
+    choices = {c.name: c for c in choose(gm, cfg.keep_dense, cfg.strict)}
+    pattern = Pattern.parse(cfg.pattern)
+    _divide_by_tiles(a, choices, pattern)
+    multiple = lambda divs, scale: math.lcm(cfg.round_to // math.gcd(cfg.round_to, scale), *divs)
+    if pattern.density is None:
+        new_width = a.widths(lambda size, divs, scale: solve.wide_width(size, cfg.sparsity, multiple(divs, scale)))
+    else:  # N:M: the widths solve around its density, from the plans at the dense widths
+        dense = _plans(gm, a, choices, wide_density.width_of(a, {g: grp.size for g, grp in enumerate(a.groups)}))
+        new_width = wide_density.widths(a, _weighted(dense), pattern.density, multiple)
+    width = wide_density.width_of(a, new_width)
+    plans = _plans(gm, a, choices, width)
+    _solve(plans, cfg, pattern)
     dense_shapes = {n: node_shape(n) for n in gm.graph.nodes}
     _rebuild(gm, plans, generator)
     _resize_params(gm, a, width, generator)
@@ -97,6 +111,17 @@ def _tie_shared_weights(gm, a):
     a.resolve_uses()
 
 
+def _divide_by_tiles(a, choices, pattern: Pattern):
+    """Each sparse layer's sides must stay multiples of the pattern's tile: (rows, cols) = (out, in)."""
+    rows, cols = pattern.tile
+    for name, choice in choices.items():
+        sides = a.uses.get(name)
+        if choice.transform and sides is not None:
+            for side, step in (("out", rows), ("in", cols)):
+                if side in sides:
+                    a.divide(sides[side], step)
+
+
 def _check_strict(a, cfg):
     for g, grp in enumerate(a.groups):
         if cfg.strict and grp.no_rule and grp.sourced and a.find(g) == g and grp.alias is None:
@@ -106,8 +131,7 @@ def _check_strict(a, cfg):
 
 
 # ---- planning ---------------------------------------------------------------------------------
-def _plans(gm, a, cfg, width) -> dict:
-    choices = {c.name: c for c in choose(gm, cfg.keep_dense, cfg.strict)}
+def _plans(gm, a, choices, width) -> dict:
     plans, modules = {}, dict(gm.named_modules())
     for name, sides in a.uses.items():
         if name not in modules:
@@ -141,9 +165,16 @@ def _plans(gm, a, cfg, width) -> dict:
     return plans
 
 
-def _solve(plans, cfg):
-    weighted = [p for p in plans.values() if layers.counted(p.module) and p.new]
+def _weighted(plans) -> list[Plan]:
+    """The plans whose FLOPs the widths change: counted weight layers with a width rule."""
+    return [p for p in plans.values() if layers.counted(p.module) and p.new]
+
+
+def _solve(plans, cfg, pattern: Pattern):
+    weighted = _weighted(plans)
     sparse = [p for p in weighted if p.sparse]
+    if pattern.density is not None:
+        return wide_density.nnz(weighted, pattern, cfg.round_to)
     extra = sum(2 * (layers.new_weights(p.module, p.new) - p.module.weight.numel()) * p.positions
                 for p in weighted if not p.sparse)
     budgets = [p.module.weight.numel() for p in sparse]
