@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from siftc.runtime import build  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -24,6 +26,33 @@ EXAMPLE_SPECS = [
     "examples/gpt.py:gpt",
     "examples/gpt.py:gpt_tied",
 ]
+
+
+_BUILDS = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    # The kernel libraries compile (minutes on a clean checkout) while the first tests run, and together
+    # rather than one after the other on first use; a test that loads one first waits for its build.
+    # Under pytest-xdist the controller starts them, once, and the workers wait like any loader.
+    if not hasattr(config, "workerinput"):
+        config.stash[_BUILDS] = build.build_in_background()
+
+
+def pytest_unconfigure(config):
+    build.stop_background(config.stash.get(_BUILDS, []))
+
+
+def kernels_or_skip(load, what: str):
+    """A module's autouse fixture that loads kernels with `load` when its first test runs (not at collection,
+    so their build overlaps the tests before it) and skips the module where they cannot be built."""
+    @pytest.fixture(autouse=True, scope="module")
+    def kernels():
+        try:
+            load()
+        except build.BuildError as e:  # pragma: no cover - machines without a compiler
+            pytest.skip(f"{what} unavailable: {e}")
+    return kernels
 
 
 def spec_path(spec: str) -> str:

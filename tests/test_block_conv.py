@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from siftc.errors import UsageError
-from siftc.runtime import block, block_conv, build
+from siftc.runtime import block, block_conv
 
-try:
-    block.load()
-except build.BuildError as e:  # pragma: no cover - machines without a compiler
-    pytest.skip(f"block kernels unavailable: {e}", allow_module_level=True)
+from conftest import kernels_or_skip
+
+_kernels = kernels_or_skip(block.load, "block kernels")
 
 PATTERNS = ["block:4x1", "block:8x1", "block:16x1", "block:1x4", "block:4x4", "nm:2:4", "nm:1:8"]
 RTOL, ATOL = 1e-4, 1e-5
@@ -93,7 +92,7 @@ def test_gradcheck_double(pattern, stride):
     shape = (8, 8, 3, 3)
     pos = block.random_positions(shape, pattern, 200, torch.Generator().manual_seed(0))
     ix, w = block_conv.prepare(torch.randn(pos.numel(), dtype=torch.float64), pos, shape, pattern)
-    x = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 8, 4, 3, dtype=torch.float64, requires_grad=True)  # gradcheck time grows with x
     b = torch.randn(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: block_conv.conv2d(x, w, ix, b, stride, 1),
                                     (x, w.detach().requires_grad_(), b))

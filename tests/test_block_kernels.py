@@ -10,10 +10,9 @@ from siftc.errors import UsageError
 from siftc.runtime import block, build
 from siftc.sparse.patterns import Pattern
 
-try:
-    block.load()
-except build.BuildError as e:  # pragma: no cover - machines without a compiler
-    pytest.skip(f"block kernels unavailable: {e}", allow_module_level=True)
+from conftest import kernels_or_skip
+
+_kernels = kernels_or_skip(block.load, "block kernels")
 
 PATTERNS = ["block:4x1", "block:8x1", "block:16x1", "block:1x4", "block:4x4", "nm:2:4", "nm:1:8", "nm:2:4:t"]
 RTOL, ATOL = 1e-4, 1e-5

@@ -12,10 +12,9 @@ from hypothesis import given, settings, strategies as st
 from siftc.nn.sparse import SparseConv2d, SparseLinear, random_mask, set_backend
 from siftc.runtime import BACKENDS, build
 
-try:
-    build.load()
-except build.BuildError as e:  # pragma: no cover - machines without a compiler
-    pytest.skip(f"native kernels unavailable: {e}", allow_module_level=True)
+from conftest import kernels_or_skip
+
+_kernels = kernels_or_skip(build.load, "native kernels")
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -390,7 +389,7 @@ def test_conv_indexes_rebuilt_on_mask_change(panels):
     # count, which replaces the values Parameter)
     layer = SparseConv2d(6, 9, 3, padding=1, nnz=150).double()
     nat = BACKENDS["native"]
-    x = torch.randn(4, 6, 5, 5, dtype=torch.double, requires_grad=True)
+    x = torch.randn(2, 6, 4, 3, dtype=torch.double, requires_grad=True)  # gradcheck time grows with x
     for step in range(2):
         idx = nat.indexes(layer, *panels)
         assert idx[1].numel() == idx[4].numel() == layer.nnz

@@ -6,7 +6,9 @@ later processes load the cached library in well under a second. The directory is
 version and a hash of the sources and flags, so a changed .cpp always builds afresh (torch's own check
 compares file times, which a copy or an install can preserve) and checkouts with different sources do not
 overwrite each other's library. Compiler flags are `-O3 -march=native`: the build machine is the machine that runs it.
-Importing siftc never builds anything; `load()` does.
+Importing siftc never builds anything; `load()` does. `build_in_background()` starts every uncached library's
+compile at once, in processes of its own, for a session (the test suite) that loads them later: a `load()`
+meanwhile waits for that build (torch's lock file in the build directory) instead of starting its own.
 
 Each kernel family is its own library (LIBRARIES), with its own sources, hash and cache directory, so a
 change to one family's source rebuilds only that library; every library's ops join `torch.ops.siftc`.
@@ -14,7 +16,11 @@ change to one family's source rebuilds only that library; every library's ops jo
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +69,39 @@ def sources_hash(name: str = NAME) -> str:
     return h.hexdigest()[:12]
 
 
+def is_built(name: str = NAME) -> bool:
+    """Whether the library for the current sources, flags and torch is in the cache (its build finished)."""
+    return (build_dir(name) / f"{name}.so").is_file()
+
+
+def build_in_background() -> list:
+    """Start compiling each library of LIBRARIES that is not cached yet, all at once, a process each; return
+    the processes, for `stop_background`. Nothing is loaded here, and a failed build only leaves the library
+    uncached: the first `load()` / `load_library()` of it raises the BuildError with the reason.
+
+    First use compiles one library after another, and ninja runs only one library's sources in parallel;
+    here the libraries compile together and alongside whatever this process does meanwhile.
+    """
+    return [subprocess.Popen([sys.executable, "-c", f"from siftc.runtime import build; build.load_library({name!r})"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # so stop_background can interrupt its compilers too
+            for name in LIBRARIES if not is_built(name)]
+
+
+def stop_background(builds: list):
+    """Interrupt the builds of build_in_background that are still running, and wait for them. SIGINT, not a
+    kill: torch then removes its lock file and ninja its half-written objects, so the next load rebuilds
+    cleanly instead of waiting forever on a stale lock."""
+    for p in builds:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
+    for p in builds:
+        p.wait()
+
+
 def load(verbose: bool = False):
     """Compile (first time) and load the kernels; afterwards `torch.ops.siftc.*` exist. Idempotent."""
     global _loaded
@@ -78,7 +117,10 @@ def load(verbose: bool = False):
 
 
 def load_library(name: str, verbose: bool = False):
-    """Compile (first time) and load another library of LIBRARIES; its caller registers its Python halves."""
+    """Compile (first time) and load a library of LIBRARIES; for one other than NAME (whose Python halves
+    `load()` registers) its caller registers its Python halves."""
+    if name == NAME:
+        return load(verbose)
     if name in _libraries:
         return
     with _lock:
@@ -96,6 +138,8 @@ def _compile(name: str, verbose: bool):
     from torch.utils import cpp_extension
     out = build_dir(name)
     out.mkdir(parents=True, exist_ok=True)
+    while (out / "lock").exists():  # another process is building it (build_in_background): let it finish, so
+        time.sleep(0.1)             # that the load below runs ninja itself and a failed build says why here
     try:
         cpp_extension.load(
             name=name, sources=[str(s) for s in library_sources(name)], build_directory=str(out),
