@@ -46,7 +46,7 @@ def _round_to(ctx, param, value):
               show_default=True, help="sparse: non-zeros per layer, s in each (uniform) or ERK (same total FLOPs).")
 @click.option("--pattern", default=DEFAULT["pattern"], show_default=True, metavar="P",
               help="Sparsity pattern of the sparse layers: unstructured, block:RxC (e.g. block:4x1, block:4x4), "
-                   "nm:N:M (e.g. nm:2:4: density N/M, every kind solves around it) or nm:N:M:t (transposable). A layer it does not fit "
+                   "nm:N:M (e.g. nm:2:4; density N/M, any kind) or nm:N:M:t (transposable). A layer it does not fit "
                    "gets the largest fitting one (the report says which).")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Artifact directory to write. [default: <model>-<kind><percent>]")
