@@ -10,6 +10,7 @@ import torch
 
 import siftc
 from siftc.config import ConvertConfig
+from siftc.errors import UsageError
 from siftc.nn.sparse import SPARSE_LAYERS
 from siftc.sparse.patterns import Pattern, check_structure
 from conftest import ROOT, spec_path
@@ -201,6 +202,7 @@ def test_zeros_keep_a_checkpoint_pruned_to_the_pattern_exactly(tmp_path):
     assert torch.equal(layer.mask, keep) and layer.pattern == Pattern.nm(2, 4)
     assert gm.siftc_info.report["sparsity"] == 0.5
     x = torch.randn(4, 64)
+    siftc.set_backend(gm, "torch")  # exactness against dense: masked dense (auto may time native kernels)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)  # nothing pruned that was not zero
 
 
@@ -218,7 +220,15 @@ def test_zeros_keep_every_block_holding_a_non_zero(tmp_path):
     assert torch.equal(layer.mask, held.repeat_interleave(4, 0).repeat_interleave(4, 1))
     assert_kept_values(layer, model.net[2].weight)
     x = torch.randn(4, 64)
+    siftc.set_backend(gm, "torch")  # exactness against dense: masked dense (auto may time native kernels)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    zeros_sparsity = 1 - float(keep.float().mean())  # what the zeros alone give: more than whole blocks do
+    measured = gm.siftc_info.report["sparsity"]
+    assert measured == pytest.approx(1 - layer.density) and measured < zeros_sparsity - 0.01
+    says = r"the block:4x4 masks holding the weights' non-zeros give sparsity 0\.9\d+ .*not 0\.92"
+    with pytest.raises(UsageError, match=says):
+        siftc.convert(MLP, "sparse", round(zeros_sparsity, 3), weights=path, mask_from="zeros", pattern="block:4x4",
+                      keep_dense=("net.0", "net.4", "net.6"))
 
 
 def test_cli_resnet_block_magnitude_from_weights(tmp_path):

@@ -153,6 +153,9 @@ def _placeholder_inputs(gm) -> tuple:
 
 def _check_sparsity(cfg, measured: float):
     if cfg.mask_from == "zeros" and cfg.sparsity is not None and abs(measured - cfg.sparsity) > SPARSITY_CHECK:
-        raise UsageError(f"--mask-from zeros: the weights' zeros give sparsity {measured:.4f} over the layers "
-                         f"made sparse, not {cfg.sparsity:g}; drop --sparsity to take it from the zeros, or pass "
-                         f"the pruned weights (--weights)")
+        pattern = Pattern.parse(cfg.pattern)
+        source = f"the {pattern} masks holding the weights' non-zeros give" if pattern.structured else \
+            "the weights' zeros give"
+        raise UsageError(f"--mask-from zeros: {source} sparsity {measured:.4f} over the layers made sparse, not "
+                         f"{cfg.sparsity:g}; drop --sparsity to take it from the zeros, or pass the pruned weights "
+                         f"(--weights)")
