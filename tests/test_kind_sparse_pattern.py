@@ -303,3 +303,22 @@ def test_bad_combinations_are_one_line_exit_2(tmp_path, args, words):
     proc = siftc_cli("convert", MLP, "--kind", "sparse", "--weights", path, *args, "-o", tmp_path / "o")
     one_line_error(proc, *words)
     assert not (tmp_path / "o").exists()
+
+
+def test_zeros_complete_a_partly_zero_transposable_checkpoint():
+    """containing() for nm:t: a 4:8:t mask with some kept weights exactly zero becomes an exact 4:8:t
+    mask again holding every non-zero; a row of a tile with 5 non-zeros is refused, naming it."""
+    from siftc.sparse.structured import containing
+    r = torch.arange(16)
+    planted = (r[None, :] - r[:, None]) % 8 < 4                               # (16, 16): 4 per row and column
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(16, 16, generator=g) * planted * (torch.rand(16, 16, generator=g) < 0.7)
+    mask = torch.zeros(256, dtype=torch.bool)
+    mask[containing(w, Pattern.nm(4, 8, transposable=True)).long()] = True
+    tiles = tile_view(mask.reshape(16, 16), 8)
+    assert (tiles.sum(2) == 4).all() and (tiles.sum(1) == 4).all()
+    assert mask.reshape(16, 16)[w != 0].all()
+    w[3, :5] = 1.0                                                            # row 3 of the first tile: 5 > 4
+    with pytest.raises(ValueError, match=r"non-zeros in row 3 of the tile at rows 0-7, inputs 0-7, more than "
+                                         r"nm:4:8:t's 4"):
+        containing(w, Pattern.nm(4, 8, transposable=True))

@@ -103,8 +103,9 @@ def containing(weight: torch.Tensor, pattern: Pattern | None) -> torch.Tensor:
         over = (need < 0).nonzero()
         if over.numel():
             t, j = (int(x) for x in over[0])
-            where = tiling.where(t) if name == "group" else f"{name} {j} of the tile at {tiling.where(t)}"
-            raise ValueError(f"{int(n - need[t, j])} non-zeros in the {where}, more than {pattern}'s {n}")
+            where = f"the group at {tiling.where(t)}" if name == "group" else \
+                f"{name} {j} of the tile at {tiling.where(t)}"
+            raise ValueError(f"{int(n - need[t, j])} non-zeros in {where}, more than {pattern}'s {n}")
     score = torch.zeros(held.shape)  # every zero scores the same: ties go to the lower position
     return tiling.positions_of(held | _fill(score, ~held, need_rows, need_cols, pattern))
 
