@@ -65,7 +65,7 @@ def convert(model: str, pattern: str, sparsity=0.75, **kw):
 def groups_of_m(layer, pattern: Pattern) -> list[torch.Tensor]:
     """Non-zeros per group of M consecutive inputs (and, for :t, of M consecutive outputs) at every
     output row and kernel position, counted on the dense mask, independently of check_structure."""
-    o, i, *kernel = layer.weight_shape
+    o, i, *_ = layer.weight_shape
     mask = torch.zeros(layer.weight_shape).reshape(-1)
     mask[layer.positions.long()] = 1
     mask = mask.reshape(o, i, -1)                                     # (O, I, K)
