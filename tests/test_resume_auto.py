@@ -14,6 +14,7 @@ from torch import nn
 from siftc.artifact import read_state
 from siftc.nn.sparse import SparseLinear, random_mask, set_backend
 from siftc.runtime import BACKENDS
+import siftc.runtime.auto as auto_module
 from siftc.runtime.auto import AutoBackend
 from siftc.runtime.masked import MaskedDense
 from test_train import ENV, work  # noqa: F401 (work: the converted classifier and its data)
@@ -30,14 +31,14 @@ import siftc.runtime.auto as auto
 from siftc.runtime import BACKENDS
 
 timing = False
-real_time = auto._time
+real_timed = auto._timed
 
 
-def _time(fn, reps):
+def _timed(fn, reps, best_ms):
     global timing
     timing = True
     try:
-        return real_time(fn, reps)
+        return real_timed(fn, reps, best_ms)
     finally:
         timing = False
 
@@ -56,7 +57,8 @@ class Slow:
         return slowed
 
 
-auto._time = _time
+auto._timed = _timed
+auto.DROP_ABOVE_MS = float("inf")  # every candidate timed in full: the sleep decides, not the cost model
 backend = BACKENDS["auto"]
 backend.candidates = {n: Slow(b) if n == os.environ["SLOW"] else b for n, b in backend.candidates.items()}
 '''
@@ -78,6 +80,7 @@ def new_process(monkeypatch) -> AutoBackend:
     """A fresh auto backend in the registry, as a new process has, timing two counting candidates."""
     auto = AutoBackend({"native": Counting(), "torch": Counting()})
     monkeypatch.setitem(BACKENDS, "auto", auto)
+    monkeypatch.setattr(auto_module, "DROP_ABOVE_MS", float("inf"))  # both timed in full, whatever the load
     return auto
 
 
@@ -107,11 +110,12 @@ def resumed(monkeypatch, tmp_path, x):
     return (model, y), again, auto, saved
 
 
-def test_choices_are_plain_data_by_layer_name_shape_and_dtype(monkeypatch, tmp_path):
+def test_choices_are_plain_data_by_layer_name_setting_and_dtype(monkeypatch, tmp_path):
     (model, _), _, _, saved = resumed(monkeypatch, tmp_path, torch.randn(5, 8))
     assert set(saved) == {"0", "2"}
-    assert [(r["shape"], r["dtype"]) for r in saved["0"]] == [([5, 8], "float32")]
-    assert [(r["shape"], r["dtype"]) for r in saved["2"]] == [([5, 6], "float32")]
+    # the setting: the batch of 5 rounded up to 8, training (the layers' values want gradients)
+    assert [(r["shape"], r["dtype"], r["mode"]) for r in saved["0"]] == [([8, 8], "float32", "train")]
+    assert [(r["shape"], r["dtype"], r["mode"]) for r in saved["2"]] == [([8, 6], "float32", "train")]
     for name in saved:
         assert saved[name][0]["choice"] == model.get_submodule(name).auto_choice["choice"]
         assert set(saved[name][0]["ms"]) == {"native", "torch"}
@@ -138,7 +142,7 @@ def test_a_new_mask_or_shape_after_the_resume_is_timed_as_usual(monkeypatch, tmp
     assert calls(auto) == timed + 1  # layer 0 was timed, layer 2 kept its restored choice
     assert set(auto.choices_of(again)) == {"0", "2"}
     again(torch.randn(3, 8))
-    assert calls(auto) == timed + 1 + 2 * timed  # a new shape: both layers timed
+    assert calls(auto) == timed + 1 + 2 * timed  # a new setting (batch 3 -> 4, not 8): both layers timed
 
 
 def siftc_slowed(tmp_path, slow: str):

@@ -5,9 +5,9 @@ their flat row-major indices into the dense weight, ascending), plus its bias. O
 and DDP therefore see nnz-sized tensors, whatever the widened shape. The dense `weight` (exact zeros
 outside the mask) and the boolean `mask` are derived on demand, for export, inspection and the
 masked-dense reference backend; `weight` is differentiable with respect to `values`. The arithmetic is
-delegated to a runtime backend (`siftc.runtime.BACKENDS[layer.backend]`): `siftc.runtime.LAYER_DEFAULT`
-("torch", masked dense, the reference) unless `set_backend` chose another (`siftc train` sets
-`siftc.runtime.DEFAULT`, "auto").
+delegated to a runtime backend (`siftc.runtime.BACKENDS[layer.backend]`): `siftc.runtime.DEFAULT`
+("auto": per layer the faster of the native kernels and masked dense, timed on its first call) unless
+`set_backend` chose another ("torch", masked dense, is the reference).
 
 Positions change only through `set_mask` / `set_positions`, which bump `mask_version` so a backend that
 caches index structures (CSR, per-layer timings) knows to rebuild them. A state dict holding a dense
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from siftc.errors import UsageError
-from siftc.runtime import LAYER_DEFAULT, get_backend
+from siftc.runtime import DEFAULT, get_backend
 
 
 def random_mask(shape, nnz: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,7 +120,7 @@ def _draw_distinct(n: int, k: int, generator) -> torch.Tensor:
 
 
 class _SparseMixin:
-    backend: str = LAYER_DEFAULT
+    backend: str = DEFAULT
     pattern = None  # a siftc.sparse.patterns.Pattern when structured (module docstring)
 
     def _init_sparse(self, nnz: int | None, generator: torch.Generator | None):

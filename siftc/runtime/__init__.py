@@ -20,8 +20,7 @@ BACKENDS = {
     "auto": AutoBackend({"native": _NATIVE, "torch": _TORCH}),  # per layer, the faster, timed once and recorded
     "sparseprop": SparseProp(),  # SparseProp's kernels (see sparseprop_backend.INSTALL), a peer to compare
 }
-DEFAULT = "auto"  # `siftc train`'s default (TrainConfig); layers built by convert/load start on LAYER_DEFAULT
-LAYER_DEFAULT = "torch"  # masked dense: a layer's first call costs nothing extra (auto times both candidates)
+DEFAULT = "auto"  # the one default: every sparse layer starts on it (convert, load, Python), and `siftc train`
 INTERNAL = {"shapes": ShapesOnly()}  # not a --backend choice: siftc.nn.sparse.shapes_only uses it
 
 
