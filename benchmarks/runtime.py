@@ -195,7 +195,7 @@ def resnet_row(batch, reps, s=0.9, patterns=("unstructured",)):
         print(f"  converting ResNet-18 wide s={s} --pattern {pattern} ...", file=sys.stderr, flush=True)
         try:
             model = siftc.convert(resnet18_cifar(), kind="wide", sparsity=s, example_inputs=(x[:2],), pattern=pattern)
-        except SiftcError as e:  # e.g. wide with N:M (refused): the column says why
+        except SiftcError as e:  # a pattern convert refuses: the column says why
             fitted[pattern] = f"n/a ({str(e).splitlines()[0][:120]})"
             continue
         steps[f"native {pattern}"] = step_fn(model, "native")
