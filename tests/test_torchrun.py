@@ -106,7 +106,10 @@ def test_sigterm_under_torchrun_checkpoints_once_and_resumes_equal(work, tmp_pat
 
     run = tmp_path / "stopped"
     launcher = ["--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-    agent = subprocess.Popen(siftc_under_torchrun(launcher, work, run, "--steps=200", *flags(**args)), env=ENV,
+    # torchrun checks its workers every --monitor-interval (0.1 s by default) and SIGTERMs the rest once one has
+    # exited: rank 0 exiting 143 a moment before rank 1 then read as rank 1 killed (-15) under load
+    monitored = ["--monitor-interval", "2", *launcher]
+    agent = subprocess.Popen(siftc_under_torchrun(monitored, work, run, "--steps=200", *flags(**args)), env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, metrics = time.time() + 240, run / "metrics.jsonl"
     while time.time() < deadline and agent.poll() is None:
