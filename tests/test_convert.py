@@ -65,6 +65,9 @@ def test_example_converts_iso_flop_and_trains(spec, kind, sparsity, tmp_path):
         shape = solve.SOLVERS[kind](*fan_in_out(dense_layer), sparsity)
         assert r["density"] == pytest.approx(shape.density)
 
+    if spec == "examples/resnet.py:resnet18_imagenet":
+        return  # the CIFAR ResNet-18 trains and round-trips the same layers (only the stem differs), 10x cheaper
+
     # A sparse layer's only weight is its non-zeros: gradients and optimizer state are nnz-sized, and
     # its dense weight stays exactly zero outside the mask after an optimizer step.
     gm.train()
