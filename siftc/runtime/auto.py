@@ -31,6 +31,7 @@ qualified name and the setting): a resumed run that timed afresh could choose ot
 run it continues. A restored choice holds at the layer's mask as loaded; a later mask update (SET, RigL)
 is timed as usual.
 """
+import math
 import time
 import weakref
 
@@ -51,18 +52,22 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _rows(x: torch.Tensor, op: str) -> int:
+    """What the kernels tile: a Linear's rows (all leading dims), a conv's batch."""
+    return math.prod(x.shape[:-1]) if op == "linear" else x.shape[0]
+
+
 def setting(x: torch.Tensor, op: str) -> tuple:
     """The shape a choice is keyed by: a Linear's rows (all leading dims), or a conv's batch, rounded up
     to a power of two; the other dims as they are."""
-    if op == "linear":
-        return (_bucket(x[..., 0].numel()), x.shape[-1])
-    return (_bucket(x.shape[0]), *x.shape[1:])
+    rest = x.shape[-1:] if op == "linear" else x.shape[1:]
+    return (_bucket(_rows(x, op)), *rest)
 
 
 def predicted_native_over_torch(layer, x, op: str) -> float:
     """native's time over masked dense's for `layer` on `x`, by the cost model above (rough by design:
     it only rules out what is clearly slower)."""
-    rows = x[..., 0].numel() if op == "linear" else x.shape[0]
+    rows = _rows(x, op)
     padded = -(-max(rows, 1) // BATCH_TILE) * BATCH_TILE
     structured = layer.pattern is not None and layer.pattern.structured
     return layer.density * padded / max(rows, 1) / NATIVE_EFFICIENCY[structured]
