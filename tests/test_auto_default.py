@@ -105,3 +105,20 @@ def test_native_predicted_far_slower_is_not_timed(monkeypatch):
     sparse(torch.randn(64, 64))
     assert "skipped" not in sparse.auto_choice and sparse.auto_choice["choice"] == "native"
     assert len(auto.candidates["native"].calls) == 1 + auto.reps + 1  # timed in full, then the real call
+
+
+def test_a_graph_being_captured_runs_the_reference_and_records_nothing(monkeypatch):
+    """torch.fx's symbolic trace (siftc flops, a second convert) and torch.jit's trace (the ONNX exporter)
+    see one masked-dense graph: auto does not branch on a Proxy, nor time inside a trace."""
+    auto = fresh_auto(monkeypatch)
+    gm = siftc.convert("examples/mlp.py:mlp", "wide", 0.75, seed=0)
+    layers = [m for m in gm.modules() if isinstance(m, SPARSE_LAYERS)]
+    x = torch.randn(5, 64)
+    traced = torch.fx.symbolic_trace(gm)  # traces through the sparse layers' forward
+    jitted = torch.jit.trace(gm, (x,), check_trace=False)
+    assert not any(auto.choices.get(m) for m in layers)
+    assert auto.candidates["native"].calls == []  # each trace called the reference once per layer, untimed
+    assert len(auto.candidates["torch"].calls) == 2 * len(layers)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), gm(x)) and torch.allclose(jitted(x), gm(x))
+    assert {len(auto.choices.get(m, {})) for m in layers} == {1}  # the eager call chose, once per layer

@@ -181,11 +181,19 @@ class AutoBackend:
                 mine[(tuple(shape), dtype, r.get("mode", "train"), layer.mask_version)] = record
                 layer.auto_choice = record
 
+    def _backend(self, layer, x, op: str):
+        """The backend for this call. A graph being captured (torch.fx's symbolic trace, which hands a
+        Proxy; torch.jit's trace, as the ONNX exporter does; torch.compile / torch.export) has nothing to
+        time and must not branch on its inputs: it gets the reference, masked dense, recording nothing."""
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self.candidates["torch"]
+        return self.candidates[self._choose(layer, x, op)]
+
     def linear(self, layer, x):
-        return self.candidates[self._choose(layer, x, "linear")].linear(layer, x)
+        return self._backend(layer, x, "linear").linear(layer, x)
 
     def conv2d(self, layer, x):
-        return self.candidates[self._choose(layer, x, "conv2d")].conv2d(layer, x)
+        return self._backend(layer, x, "conv2d").conv2d(layer, x)
 
     def conv1d(self, layer, x):
-        return self.candidates[self._choose(layer, x, "conv1d")].conv1d(layer, x)
+        return self._backend(layer, x, "conv1d").conv1d(layer, x)
