@@ -262,7 +262,11 @@ def patterns_table(results: dict) -> str:
     """One row per pattern: kernel speed (patterns.json, patterns_conv.json), the ResNet-18 training step
     (runtime.json, else runtime_resnet.json: --patterns), DeepSparse (inference_patterns.json), and the
     accuracy of RigL Sparse Wide per task (iso_flop_training.json's pattern rows), all relative to dense."""
-    layer_rows = [r for name in ("patterns", "patterns_conv") for r in (results.get(name) or {}).get("rows", [])]
+    layer_rows = {}  # patterns.json's rows, then patterns_conv.json's (a --no-linear run) where it lacks one
+    for name in ("patterns", "patterns_conv"):
+        for r in (results.get(name) or {}).get("rows", []):
+            layer_rows.setdefault(r["row"], r)
+    layer_rows = list(layer_rows.values())
     rt = next((d for d in (results.get("runtime"), results.get("runtime_resnet"))
                if d and d.get("resnet") and len(d["resnet"]["step"]) > 3), None)
     inf, tr = results.get("inference_patterns"), results.get("iso_flop_training")
@@ -292,10 +296,11 @@ def patterns_table(results: dict) -> str:
                      + [_ratio(step[c] / step["base"] if isinstance(step.get(c := "native" if p == "unstructured"
                                                                             else f"native {p}"), float) else None),
                         _ratio(ds.get(p))] + [acc.get((t, p), "—") for t in tasks if s_acc is not None])
+    step_file = "runtime" if rt is not None and rt is results.get("runtime") else "runtime_resnet"
     sources = [f"`{n}.json`" + ("" if results.get(n) else " (not run)") for n in
-               ("patterns", "patterns_conv", "runtime", "inference_patterns", "iso_flop_training")]
+               ("patterns", "patterns_conv", step_file, "inference_patterns", "iso_flop_training")]
     machines = sorted({d["machine"]["cpu"] if isinstance(d.get("machine"), dict) else d["machine"]
-                       for d in (results.get(n) for n in ("patterns", "runtime", "inference_patterns")) if d})
+                       for d in (results.get(n) for n in ("patterns", step_file, "inference_patterns")) if d})
     goals = [g for d in (results.get("patterns"), rt, inf) if d for g in d.get("targets", [])
              if "pattern" in g or "block pattern" in g["target"]]
     goal_text = "\n".join(f"- {'met' if g['met'] else '**missed**'}: {g['target']} ("

@@ -73,6 +73,18 @@ def test_pattern_table_accuracy_is_sparse_wide_not_another_kind(tables):
     assert rows["dense"][-1] == "97.22 ± 0.56"
 
 
+def test_pattern_table_shows_a_layer_row_once_the_full_run_first(tables):
+    def layer(row, native):
+        return {"row": row, "kind": "conv", "fwd+bwd": {"native": {"vs_base": native}}}
+    full = {"rows": [layer("Wide Linear", 5.0), layer("Wide Conv2d", 13.0)], "machine": {"cpu": "X"}}
+    conv_only = {"rows": [layer("Wide Conv2d", 9.0), layer("Other conv", 2.0)], "machine": {"cpu": "X"}}
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in
+             tables.patterns_table({"patterns": full, "patterns_conv": conv_only}).splitlines()
+             if line.startswith("| ")]
+    assert lines[0][1:4] == ["Wide Linear fwd+bwd ÷ dense", "Wide Conv2d fwd+bwd ÷ dense", "Other conv fwd+bwd ÷ dense"]
+    assert lines[2][:4] == ["`unstructured`", "5.00×", "13.00×", "2.00×"]  # patterns.json's conv row, not 9.00
+
+
 def test_glance_passes_over_a_kind_that_could_not_convert(tables):
     d = results(trained("dense", "dense", 0.0, 0.0853, 0.9722),
                 {"config": "wide-50%", "kind": "wide", "sparsity": 0.5, "error": "no width rule"},
