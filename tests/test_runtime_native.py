@@ -443,3 +443,11 @@ def test_native_step_allocates_nothing_dense_shaped(kind):
     assert layer.values.grad.shape == (layer.nnz,)
     set_backend(layer, "torch")
     assert largest_allocation(layer, x) >= dense_bytes
+
+
+def test_register_tiles_fit_the_machines_vector_registers():
+    """-march=native: 64-byte vectors x 16 accumulators where the CPU has AVX-512 (32 zmm registers), else
+    32-byte x 8 (AVX2's 16 ymm): a 64-byte tile on AVX2 spilled its accumulators on every FMA."""
+    from siftc.runtime.native import register_tile
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    assert register_tile() == ((64, 16) if "avx512f" in flags else (32, 8))

@@ -34,8 +34,16 @@ from siftc.runtime.masked import MaskedDense
 L2_BYTES = 512 * 1024
 """Input bytes one tile may touch across a column panel: half of a core's L2 here (1 MiB), leaving room
 for output tiles and the index. Measured on the ResNet-18 wide layers: 256 KiB to 2 MiB are within ~10%."""
-VECTOR_FLOATS = 256
-"""Batch elements one tile holds in registers (16 AVX-512 vectors): the batch slice a Linear panel touches."""
+_REGISTER_TILE = []  # (vector bytes, accumulator vectors) of the built kernels, once loaded
+
+
+def register_tile() -> tuple[int, int]:
+    """(bytes per vector, accumulator vectors per tile) of the kernels' register tiles as compiled here:
+    (64, 16) with AVX-512, (32, 8) on AVX2 (make_tiles in csrc/sparse_ops.cpp)."""
+    if not _REGISTER_TILE:
+        build.load()
+        _REGISTER_TILE.extend(torch.ops.siftc.register_tile())
+    return tuple(_REGISTER_TILE)
 
 
 def _pow2_floor(n: int) -> int:
@@ -103,7 +111,8 @@ class Native:
             return block.linear(x, ix.to_blocks(layer.values), ix, layer.bias)
         build.load()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        chunk = min(batch_pad(x2.shape[0]), VECTOR_FLOATS) * x.element_size()
+        vec, acc = register_tile()  # a tile's batch slice: the bytes one Linear panel's row touches
+        chunk = min(batch_pad(x2.shape[0]) * x.element_size(), vec * acc)
         index = self.indexes(layer, _panel(chunk), _panel(chunk))
         y = torch.ops.siftc.sparse_linear(x2, layer.values, list(layer.weight_shape), layer.bias, *index)[0]  # (N, out)
         return y.view(*x.shape[:-1], layer.out_features)
@@ -133,12 +142,13 @@ class Native:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         # panels sized by the main register tile's input footprint (csrc make_tiles): a tile's slice of a
         # panel stays in L2 while the thread's rows reuse it
-        vectors = batch_pad(b) * x.element_size() // 64
+        vec, acc = register_tile()
+        vectors = batch_pad(b) * x.element_size() // vec
         rows = (kh - 1) * dh + 1
-        nv, nt = _tile(vectors, wo)
-        panel = _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * 64)
-        nv, nt = _tile(vectors, -(-w // sw))  # a stride phase of dX
-        index = self.indexes(layer, panel, _panel(rows * (nt + (kw - 1) * dw) * nv * 64))
+        nv, nt = _tile(vectors, wo, acc)
+        panel = _panel(rows * ((nt - 1) * sw + (kw - 1) * dw + 1) * nv * vec)
+        nv, nt = _tile(vectors, -(-w // sw), acc)  # a stride phase of dX
+        index = self.indexes(layer, panel, _panel(rows * (nt + (kw - 1) * dw) * nv * vec))
         shape = [*layer.weight_shape[:2], *kernel]  # (Cout, Cin, kh, kw)
         return torch.ops.siftc.sparse_conv2d(x, layer.values, shape, layer.bias, list(stride), list(padding),
                                              list(dilation), *index)[0]
@@ -150,10 +160,11 @@ def _conv_supported(layer, x, dims: int) -> bool:
         and layer.groups == 1 and x.dim() == dims
 
 
-def _tile(nvec: int, pos_w: int) -> tuple[int, int]:
-    """(vectors, positions) of the kernels' main register tile (make_tiles in csrc/sparse_ops.cpp)."""
-    nv = min(16, _pow2_floor(nvec))
-    nt = max(1, 16 // nv)
+def _tile(nvec: int, pos_w: int, acc: int) -> tuple[int, int]:
+    """(vectors, positions) of the kernels' main register tile of `acc` accumulators (make_tiles in
+    csrc/sparse_ops.cpp)."""
+    nv = min(acc, _pow2_floor(nvec))
+    nt = max(1, acc // nv)
     return nv, nt if nt <= pos_w else 1
 
 

@@ -42,7 +42,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -55,20 +55,37 @@ namespace siftc {
 
 constexpr int64_t kBatchPad = 16;  // batch padded to a multiple of this (one AVX-512 float vector)
 constexpr int kCodeShift = 8;      // code = group << 8 | kernel position; so kh*kw <= 256
-constexpr int kMaxAcc = 16;        // accumulator vectors held in registers per tile
-
-// 64-byte vectors through GCC vector extensions: AVX-512 with -march=native, two AVX2 halves otherwise.
-typedef float vfloat __attribute__((vector_size(64), aligned(4), may_alias));
-typedef double vdouble __attribute__((vector_size(64), aligned(8), may_alias));
+// Register tiles sized to the machine's vector registers, through GCC vector extensions: with AVX-512,
+// 64-byte vectors and 16 accumulators (of 32 zmm registers); otherwise (AVX2: 16 ymm registers) 32-byte
+// vectors and 8 accumulators, which leaves room for the operand loads. A 64-byte vector on AVX2 is two
+// ymm halves, and 16 of them (32 registers) spilled to the stack on every FMA.
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64;
+constexpr int kMaxAcc = 16;  // accumulator vectors held in registers per tile
+#else
+constexpr int kVecBytes = 32;
+constexpr int kMaxAcc = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
+typedef double vdouble __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
 template <typename T> struct Vec;
-template <> struct Vec<float> { using type = vfloat; static constexpr int lanes = 16; };
-template <> struct Vec<double> { using type = vdouble; static constexpr int lanes = 8; };
+template <> struct Vec<float> { using type = vfloat; static constexpr int lanes = kVecBytes / 4; };
+template <> struct Vec<double> { using type = vdouble; static constexpr int lanes = kVecBytes / 8; };
 
 template <typename T>
 static inline T hsum(typename Vec<T>::type v) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps((__m512)v);
   else return _mm512_reduce_add_pd((__m512d)v);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {  // 8 -> 4 -> 2 -> 1 lanes in registers
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  } else {
+    __m128d q = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+  }
 #endif
   T s = 0;
   for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
@@ -92,12 +109,12 @@ struct Tile {
   int nv, nt;               // vectors per position, positions
 };
 
-// Tiles covering the whole output grid: batch vectors in power-of-two chunks of at most 16, then runs of
-// 16/NV positions along the row, the leftover positions one at a time.
+// Tiles covering the whole output grid: batch vectors in power-of-two chunks of at most kMaxAcc, then runs
+// of kMaxAcc/NV positions along the row, the leftover positions one at a time.
 static std::vector<Tile> make_tiles(const Geometry& g, int lanes) {
   std::vector<Tile> tiles;
   for (int64_t v0 = 0; v0 < g.nvec;) {
-    int nv = 16;
+    int nv = kMaxAcc;
     while (nv > g.nvec - v0) nv /= 2;
     const int nt = std::max(1, kMaxAcc / nv);
     for (int64_t h = 0; h < g.pos_h; ++h) {
@@ -147,6 +164,9 @@ template <typename T>
 static SpmmFn<T> spmm_fn(int nv, int nt) {
   switch (nv * 100 + nt) {
     case 116: return spmm_tile<T, 1, 16>;
+    case 108: return spmm_tile<T, 1, 8>;
+    case 204: return spmm_tile<T, 2, 4>;
+    case 402: return spmm_tile<T, 4, 2>;
     case 101: return spmm_tile<T, 1, 1>;
     case 208: return spmm_tile<T, 2, 8>;
     case 201: return spmm_tile<T, 2, 1>;
@@ -238,6 +258,9 @@ template <typename T, bool ADD>
 static SddmmFn<T> sddmm_fn(int nv, int nt) {
   switch (nv * 100 + nt) {
     case 116: return sddmm_tile<T, 1, 16, ADD>;
+    case 108: return sddmm_tile<T, 1, 8, ADD>;
+    case 204: return sddmm_tile<T, 2, 4, ADD>;
+    case 402: return sddmm_tile<T, 4, 2, ADD>;
     case 101: return sddmm_tile<T, 1, 1, ADD>;
     case 208: return sddmm_tile<T, 2, 8, ADD>;
     case 201: return sddmm_tile<T, 2, 1, ADD>;
@@ -721,7 +744,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_index(const at::Tensor& pos
   return {ptr_t, code_t, widx_t};
 }
 
+// (vector bytes, accumulators) of the register tiles this build was compiled for, for the Python side's
+// panel sizing (siftc/runtime/native.py).
+static std::vector<int64_t> register_tile() { return {kVecBytes, kMaxAcc}; }
+
 TORCH_LIBRARY(siftc, m) {
+  m.def("register_tile() -> int[]", &register_tile);
   m.def("build_index(Tensor positions, int[] shape, int panel, bool transpose) -> (Tensor, Tensor, Tensor)");
   // `values` (nnz,) and `shape` (the dense weight's) stand for the weight. Three indexes: forward (rows =
   // outputs), grad input (rows = inputs), grad weight (rows = outputs, its panels sized for the weight
