@@ -286,14 +286,22 @@ def patterns_table(results: dict) -> str:
         c for r in layer_rows for c in r["fwd+bwd"] if c not in ("base", "masked", "native")))
     seen = list(ds) + [c.removeprefix("native ") for c in step if c.startswith("native ")] + [p for (_, p) in acc]
     patterns += [p for p in dict.fromkeys(seen) if p not in patterns and p != "dense"]  # once each, in order
-    header = ([f"{r['row']} fwd+bwd ÷ dense" for r in layer_rows] + ["ResNet-18 wide-90% step ÷ dense",
+    linear = [r for r in layer_rows if r.get("kind") == "linear"]
+    roof = max(linear, key=lambda r: r.get("sparsity", 0)) if linear else None  # the roofline: useful GFLOP/s
+
+    def gflops(col):
+        cell = (roof["fwd+bwd"].get(col) or {}) if roof else {}
+        return f"{cell['gflops']:.1f}" if isinstance(cell.get("gflops"), float) else "—"
+    header = ([f"{r['row']} fwd+bwd ÷ dense" for r in layer_rows]
+              + ([f"{roof['row']} fwd+bwd useful GFLOP/s"] if roof else []) + ["ResNet-18 wide-90% step ÷ dense",
               "DeepSparse wide-90% ResNet-18 ÷ dense"] + [f"{t} val acc % (wide {round(100 * s_acc)}%)"
                                                           for t in tasks if s_acc is not None])
-    table = [["dense"] + ["1.00×"] * (len(layer_rows) + 2) + [acc.get((t, "dense"), "—") for t in tasks if s_acc is not None]]
+    table = [["dense"] + ["1.00×"] * len(layer_rows) + ([gflops("base")] if roof else []) + ["1.00×"] * 2
+             + [acc.get((t, "dense"), "—") for t in tasks if s_acc is not None]]
     for p in patterns:
         col = "native" if p == "unstructured" else p
         table.append([f"`{p}`"] + [_ratio((r["fwd+bwd"].get(col) or {}).get("vs_base")) for r in layer_rows]
-                     + [_ratio(step[c] / step["base"] if isinstance(step.get(c := "native" if p == "unstructured"
+                     + ([gflops(col)] if roof else []) + [_ratio(step[c] / step["base"] if isinstance(step.get(c := "native" if p == "unstructured"
                                                                             else f"native {p}"), float) else None),
                         _ratio(ds.get(p))] + [acc.get((t, p), "—") for t in tasks if s_acc is not None])
     step_file = "runtime" if rt is not None and rt is results.get("runtime") else "runtime_resnet"
@@ -307,8 +315,9 @@ def patterns_table(results: dict) -> str:
                            f"{g.get('pattern') or '—'} {_ratio(g.get('value'))})" for g in goals)
     return (f"**Patterns side by side** (from {', '.join(sources)}; {', '.join(machines) or 'no machine yet'}): "
             f"the iso-FLOP Sparse Wide layer or model per pattern, time relative to its dense base "
-            f"(`unstructured`: the native kernels on a random mask); accuracy: RigL Sparse Wide, mean ± sd over "
-            f"seeds. — : not measured.\n\n" + _table(["pattern"] + header, table)
+            f"(`unstructured`: the native kernels on a random mask); useful GFLOP/s: the non-zeros' FLOPs over "
+            f"the time (dense: the dense GEMM's, the roofline the patterns are measured against); accuracy: RigL "
+            f"Sparse Wide, mean ± sd over seeds. — : not measured.\n\n" + _table(["pattern"] + header, table)
             + (f"\n\nTargets (issue 13):\n\n{goal_text}" if goals else ""))
 
 
