@@ -174,7 +174,8 @@ def _sidecar(src: LoadedModel, masks, folded, in_names, out_names, batch, opset,
             layers.append({"name": name, "type": type(mod).__name__, "shape": list(layers_table.shape(mod)),
                            "density": rec["density"] if rec else 1.0,
                            "initializer": rec["initializer"] if rec else None,
-                           "flops": fc.layers.get(name, 0)})
+                           "flops": fc.layers.get(name, 0),
+                           **({"pattern": rec["pattern"]} if rec and "pattern" in rec else {})})
     report = src.report or {}
     params = sum(p.numel() for p in folded.parameters())
     return {

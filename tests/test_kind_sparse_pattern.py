@@ -277,6 +277,7 @@ def test_rigl_keeps_the_structure_and_export_checks_it(tmp_path, dense_pt, patte
     stored = {t.name: t for t in onnx.load(str(onnx_file)).graph.initializer}
     for r in (r for r in side["layers"] if r["name"] in after):             # the file's weights, read back
         trained = after[r["name"]]
+        assert r["pattern"] == str(p)  # the sidecar says each layer's checked structure
         arr = torch.from_numpy(onnx.numpy_helper.to_array(stored[r["initializer"]]).copy())
         arr = arr if tuple(arr.shape) == trained.weight_shape else arr.t()  # a MatMul stores (in, out)
         assert not arr[~trained.mask].any()  # exact zeros off the structured mask (regrown weights may be 0 too)
