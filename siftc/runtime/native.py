@@ -23,6 +23,7 @@ in, y and dX out), and the forward's values are gathered into index order when a
 column panel (a wide Linear does; the backward gathers its transposed values the same way). These are
 O(nnz) and O(activations) memory passes; nothing is O(dense weight) any more.
 """
+import functools
 import weakref
 
 import torch
@@ -34,16 +35,12 @@ from siftc.runtime.masked import MaskedDense
 L2_BYTES = 512 * 1024
 """Input bytes one tile may touch across a column panel: half of a core's L2 here (1 MiB), leaving room
 for output tiles and the index. Measured on the ResNet-18 wide layers: 256 KiB to 2 MiB are within ~10%."""
-_REGISTER_TILE = []  # (vector bytes, accumulator vectors) of the built kernels, once loaded
-
-
+@functools.cache
 def register_tile() -> tuple[int, int]:
     """(bytes per vector, accumulator vectors per tile) of the kernels' register tiles as compiled here:
-    (64, 16) with AVX-512, (32, 8) on AVX2 (make_tiles in csrc/sparse_ops.cpp)."""
-    if not _REGISTER_TILE:
-        build.load()
-        _REGISTER_TILE.extend(torch.ops.siftc.register_tile())
-    return tuple(_REGISTER_TILE)
+    (64, 16) with AVX-512, (32, 8) on AVX2 (make_tiles in csrc/sparse_ops.cpp). Asked once per process."""
+    build.load()
+    return tuple(torch.ops.siftc.register_tile())
 
 
 def _pow2_floor(n: int) -> int:
